@@ -1,0 +1,58 @@
+"""Bearer-token checks for the ``none``, ``local`` and ``static`` modes (PROTOCOL.md §3).
+
+Rules of this module: pure functions of the token and the config. Tokens are compared as
+SHA-256 digests with ``hmac.compare_digest`` against *every* configured key, so neither the
+time taken nor a non-ASCII token (``compare_digest`` raises on non-ASCII ``str``) tells an
+attacker anything or turns into a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from .config import EngineConfig, token_digest
+
+LOCAL_USER = "1"  # NodeTool's user id when auth is not enforced.
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    user_id: str | None
+    failure: str | None = None  # "missing" or "invalid"
+
+
+def bearer_token(authorization: bytes | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value (scheme case-insensitive)."""
+    if not authorization:
+        return None
+    parts = authorization.split()
+    if len(parts) != 2 or parts[0].lower() != b"bearer":
+        return None
+    return parts[1].decode("latin-1")
+
+
+def query_token(query: str) -> str | None:
+    """``api_key`` (NodeTool) or ``token`` (its later docs) from a WebSocket URL query."""
+    for key, value in parse_qsl(query, keep_blank_values=False):
+        if key in ("api_key", "token") and value.strip():
+            return value.strip()
+    return None
+
+
+def authenticate(token: str | None, config: EngineConfig) -> AuthResult:
+    if not config.auth_mode.enforced:
+        return AuthResult(LOCAL_USER)
+    if token is None:
+        return AuthResult(None, "missing")
+    digest = token_digest(token)
+    user: str | None = None
+    for key in config.static_keys:
+        if hmac.compare_digest(digest, key.digest) and user is None:
+            user = key.user_id
+    if user is not None:
+        return AuthResult(user)
+    # In supabase mode a token that is no static key still needs Supabase's word; that check
+    # needs the network and arrives as an effect of its own (issue 8). Until then: refused.
+    return AuthResult(None, "invalid")

@@ -1,0 +1,613 @@
+"""``ServerConnection``: one client socket's worth of protocol, with no I/O at all.
+
+Rules of this module:
+
+* Inputs are method calls, each taking ``now`` (Unix seconds, from the caller's clock):
+  ``receive_data``, ``receive_eof``, ``provider_chunk``, ``provider_done``,
+  ``provider_failed``, ``models_listed``, ``handle_timer``, ``start_shutdown``.
+  After *every* input the caller pulls ``data_to_send()`` (write it), ``effects()`` (carry
+  them out, in order) and ``next_deadline()`` (re-arm its one timer), and honours
+  ``reading_paused``.
+* Bad bytes from the peer never raise out of an input: they become a 4xx reply and a
+  ``CloseTransport`` effect. Any other exception is a bug in the engine.
+* One request is handled at a time (HTTP/1.1 pipelining is answered in order). The bytes of
+  each request head are checked by ``http_head`` *before* h11 sees them, so a fresh
+  ``h11.Connection`` serves each request and pipelined bytes wait in ``_inbuf``.
+* The response head of a completion goes out only with the provider's first item, so every
+  failure before the first token is a plain HTTP error (reference/openai-compat.md §4.1).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+
+import h11
+
+from . import openai, sse
+from .auth import LOCAL_USER, authenticate, bearer_token
+from .chat import ModelInfo, ProviderError, ProviderItem
+from .completion import CompletionRun
+from .config import EngineConfig
+from .errors import RemoteProtocolError, RequestError, request_error_for
+from .events import (
+    CallProvider,
+    CancelProvider,
+    CloseTransport,
+    ConnectionFailed,
+    ListModels,
+    Output,
+    RequestCompleted,
+)
+from .http_head import check_request_head
+from .routing import Endpoint, Route, route, split_target
+from .state import Input, Phase, next_phase
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_EXPOSED_HEADERS = "x-request-id, openai-processing-ms, openai-version, retry-after, retry-after-ms"
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(15)
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One request and its response."""
+
+    method: str
+    target: str
+    started: float
+    request_id: str
+    origin: str | None
+    requested_headers: bytes | None = None  # Access-Control-Request-Headers of a preflight
+    route: Route | None = None
+    error: RequestError | None = None
+    user_id: str | None = None
+    body: bytearray = field(default_factory=bytearray)
+    stream_id: int | None = None
+    run: CompletionRun | None = None
+    status: int = 0
+
+
+class ServerConnection:
+    def __init__(self, config: EngineConfig, now: float) -> None:
+        self.config = config
+        self._phase = Phase.IDLE
+        self._inbuf = bytearray()  # bytes of requests h11 has not been given yet
+        self._out = bytearray()
+        self._outputs: list[Output] = []
+        self._h11: h11.Connection | None = None
+        self._ex: _Exchange | None = None
+        self._next_stream_id = 1
+        # A new connection must send a head within the head timeout, like one kept alive.
+        self._deadline: float | None = now + config.head_timeout
+        self._shutdown_deadline: float | None = None
+
+    # --- outputs ---------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the socket, in order. Empties the buffer."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def effects(self) -> list[Output]:
+        """Effects to carry out and notices to log, in the order they arose. Empties them."""
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def next_deadline(self) -> float | None:
+        """When to call ``handle_timer`` next (same clock as ``now``), or ``None``."""
+        if self._phase is Phase.CLOSED:
+            return None
+        if self._shutdown_deadline is None:
+            return self._deadline
+        if self._deadline is None:
+            return self._shutdown_deadline
+        return min(self._deadline, self._shutdown_deadline)
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while the peer has pipelined more than we are willing to hold."""
+        return len(self._inbuf) > self.config.max_pipelined_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self._phase is Phase.CLOSED
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    # --- inputs from the socket -----------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Bytes from the peer (``b""`` is ignored; EOF is ``receive_eof``)."""
+        if not data or self._phase is Phase.CLOSED:
+            return
+        try:
+            if self._phase is Phase.BODY:
+                assert self._h11 is not None
+                self._deadline = now + self.config.body_timeout
+                self._h11.receive_data(data)
+                self._read_request(now)
+            else:
+                self._inbuf += data
+            self._advance(now)
+        except (RemoteProtocolError, h11.RemoteProtocolError) as exc:
+            self._fail(exc, now)
+
+    def receive_eof(self, now: float) -> None:
+        """The peer closed its side: whatever is in progress is abandoned."""
+        if self._phase is Phase.CLOSED:
+            return
+        self._cancel_work()
+        self._close()
+
+    # --- inputs from providers ------------------------------------------------------
+
+    def provider_chunk(self, stream_id: int, item: ProviderItem, now: float) -> None:
+        """One item of the provider stream ``stream_id`` (ignored if that call is over)."""
+        ex = self._active(stream_id)
+        if ex is None or ex.run is None:
+            return
+        self._deadline = now + self.config.provider_idle_timeout
+        out = ex.run.item(item)
+        if out:
+            self._stream(ex, out, now)
+
+    def provider_done(self, stream_id: int, now: float) -> None:
+        """The provider stream ``stream_id`` ended normally."""
+        ex = self._active(stream_id)
+        if ex is None or ex.run is None:
+            return
+        run = ex.run
+        out = run.choice_done()
+        if run.stream:
+            self._stream(ex, out, now)
+        if run.has_more_choices:
+            run.next_choice()
+            self._call_provider(ex, now)
+            return
+        ex.stream_id = None
+        if run.stream:
+            self._stream(ex, run.stream_end(), now)
+            self._end_stream(ex, now)
+        else:
+            self._respond(ex, 200, run.completion_body(), now)
+        self._advance(now)
+
+    def provider_failed(self, stream_id: int, error: ProviderError, now: float) -> None:
+        """The provider call (or model listing) ``stream_id`` failed with ``error``."""
+        ex = self._active(stream_id)
+        if ex is None:
+            return
+        ex.stream_id = None
+        if self._phase is Phase.STREAMING and ex.run is not None:
+            # The 200 is out: the failure travels in the stream (reference §4.4).
+            self._stream(ex, ex.run.error_events(error), now)
+            self._end_stream(ex, now)
+        else:
+            self._respond_error(ex, request_error_for(error), now)
+        self._advance(now)
+
+    def models_listed(self, stream_id: int, models: Sequence[ModelInfo], now: float) -> None:
+        """The answer to ``ListModels(stream_id)``."""
+        ex = self._active(stream_id)
+        if ex is None or ex.route is None:
+            return
+        ex.stream_id = None
+        if ex.route.endpoint is Endpoint.MODEL:
+            wanted = ex.route.model_id
+            match = next((m for m in models if m.id == wanted), None)
+            if match is None:
+                self._respond_error(ex, _model_not_found(wanted), now)
+            else:
+                self._respond(ex, 200, sse.dumps(openai.model_body(match)), now)
+        else:
+            self._respond(ex, 200, sse.dumps(openai.model_list_body(list(models))), now)
+        self._advance(now)
+
+    # --- inputs from the clock and the server ----------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        """Call when ``next_deadline()`` has passed (early calls are harmless)."""
+        if self._phase is Phase.CLOSED:
+            return
+        if self._shutdown_deadline is not None and now >= self._shutdown_deadline:
+            self._abandon("The server is shutting down", now)
+            return
+        if self._deadline is None or now < self._deadline:
+            return
+        if self._phase is Phase.IDLE:
+            self._close()  # keep-alive (or never-used) connection: close quietly
+        elif self._phase in (Phase.HEAD, Phase.BODY):
+            self._fail(RemoteProtocolError("Timed out reading the request", status=408), now)
+        else:
+            ex = self._ex
+            assert ex is not None and ex.stream_id is not None
+            self._outputs.append(CancelProvider(stream_id=ex.stream_id))
+            self.provider_failed(
+                ex.stream_id,
+                ProviderError(
+                    "Timed out waiting for the model", status=504, type="timeout", code="timeout"
+                ),
+                now,
+            )
+
+    def start_shutdown(self, now: float) -> None:
+        """The server is stopping: finish what is in flight (up to the grace period), take
+        no new request, close idle connections now."""
+        if self._phase is Phase.CLOSED or self._shutdown_deadline is not None:
+            return
+        self._shutdown_deadline = now + self.config.shutdown_grace
+        if self._phase is Phase.IDLE and not self._inbuf:
+            self._close()
+
+    def _abandon(self, message: str, now: float) -> None:
+        """Grace is over: end whatever is in flight with an error, then close."""
+        ex = self._ex
+        self._cancel_work()
+        if ex is not None and self._phase is Phase.STREAMING and ex.run is not None:
+            error = ProviderError(message, status=503, type="server_shutdown", code=None)
+            self._stream(ex, ex.run.error_events(error), now)
+            self._end_stream(ex, now)
+        elif ex is not None and self._phase is Phase.WORKING:
+            self._respond_error(
+                ex,
+                RequestError(
+                    message, status=503, type="service_unavailable", headers=(("retry-after", "1"),)
+                ),
+                now,
+            )
+        self._close()
+
+    # --- request reading ---------------------------------------------------------------
+
+    def _advance(self, now: float) -> None:
+        """Start on buffered request heads while the connection is free for one."""
+        while self._phase in (Phase.IDLE, Phase.HEAD) and self._inbuf:
+            end = check_request_head(self._inbuf, self.config)
+            if end is None:
+                if self._phase is Phase.IDLE:
+                    self._set_phase(Input.BYTES)
+                    self._deadline = now + self.config.head_timeout
+                return
+            self._set_phase(Input.HEAD_ACCEPTED)
+            self._deadline = now + self.config.body_timeout
+            self._h11 = h11.Connection(
+                h11.SERVER, max_incomplete_event_size=self.config.max_head_bytes
+            )
+            data = bytes(self._inbuf)
+            self._inbuf.clear()
+            self._h11.receive_data(data)
+            self._read_request(now)
+
+    def _read_request(self, now: float) -> None:
+        conn = self._h11
+        assert conn is not None
+        while self._phase is Phase.BODY:
+            event = conn.next_event()
+            if isinstance(event, h11.Request):
+                self._on_request(event, now)
+            elif isinstance(event, h11.Data):
+                self._on_body(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._set_phase(Input.BODY_COMPLETE)
+                self._deadline = None
+                self._dispatch(now)
+            else:  # NEED_DATA; PAUSED and ConnectionClosed cannot occur while reading a body
+                return
+
+    def _on_request(self, request: h11.Request, now: float) -> None:
+        headers = {name: value for name, value in request.headers}
+        supplied_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        origin = headers.get(b"origin")
+        ex = _Exchange(
+            method=request.method.decode("ascii"),
+            target=request.target.decode("latin-1"),
+            started=now,
+            request_id=supplied_id if _REQUEST_ID.fullmatch(supplied_id) else new_id("req_"),
+            origin=origin.decode("latin-1") if origin is not None else None,
+            requested_headers=headers.get(b"access-control-request-headers"),
+        )
+        self._ex = ex
+        length = headers.get(b"content-length")
+        if length is not None and int(length) > self.config.max_body_bytes:
+            raise RemoteProtocolError("Request body too large", status=413)
+        try:
+            ex.route = route(ex.method, ex.target, self.config.surface)
+            if self._shutdown_deadline is not None:
+                raise RequestError(
+                    "The server is shutting down",
+                    status=503,
+                    type="service_unavailable",
+                    headers=(("retry-after", "1"),),
+                )
+            if not ex.route.public:
+                result = authenticate(bearer_token(headers.get(b"authorization")), self.config)
+                if result.user_id is None:
+                    raise _auth_error(result.failure or "invalid")
+                ex.user_id = result.user_id
+        except RequestError as exc:
+            ex.error = exc
+        assert self._h11 is not None
+        if self._h11.they_are_waiting_for_100_continue:
+            if ex.error is not None:
+                # The client holds its body back until told to send it: refuse now and close,
+                # since the unread body would otherwise be parsed as the next request.
+                self._respond_error(ex, ex.error, now, close=True)
+                return
+            self._out += self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+
+    def _on_body(self, data: bytes) -> None:
+        ex = self._ex
+        assert ex is not None
+        if len(ex.body) + len(data) > self.config.max_body_bytes:
+            raise RemoteProtocolError("Request body too large", status=413)
+        if (
+            ex.error is None
+            and ex.route is not None
+            and ex.route.endpoint is Endpoint.CHAT_COMPLETIONS
+        ):
+            ex.body += data
+
+    # --- dispatch and responses ---------------------------------------------------------
+
+    def _dispatch(self, now: float) -> None:
+        ex = self._ex
+        assert ex is not None
+        if ex.error is not None or ex.route is None:
+            self._respond_error(ex, ex.error or RequestError("Bad request"), now)
+            return
+        endpoint = ex.route.endpoint
+        if endpoint is Endpoint.HEALTH:
+            stamp = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
+            self._respond(ex, 200, sse.dumps({"status": "healthy", "timestamp": stamp}), now)
+        elif endpoint is Endpoint.PREFLIGHT:
+            self._respond(ex, 204, b"", now)
+        elif endpoint in (Endpoint.MODELS, Endpoint.MODEL):
+            ex.stream_id = self._new_stream_id()
+            self._outputs.append(
+                ListModels(stream_id=ex.stream_id, user_id=ex.user_id or LOCAL_USER)
+            )
+            self._deadline = now + self.config.provider_first_item_timeout
+        else:
+            try:
+                parsed = openai.parse_chat_request(bytes(ex.body))
+            except RequestError as exc:
+                self._respond_error(ex, exc, now)
+                return
+            ex.body = bytearray()
+            ex.run = CompletionRun(parsed, completion_id=new_id("chatcmpl-"), created=int(now))
+            self._call_provider(ex, now)
+
+    def _call_provider(self, ex: _Exchange, now: float) -> None:
+        assert ex.run is not None
+        ex.stream_id = self._new_stream_id()
+        self._outputs.append(
+            CallProvider(
+                stream_id=ex.stream_id,
+                request=ex.run.parsed.request,
+                user_id=ex.user_id or LOCAL_USER,
+            )
+        )
+        self._deadline = now + self.config.provider_first_item_timeout
+
+    def _stream(self, ex: _Exchange, data: bytes, now: float) -> None:
+        """Send SSE bytes, starting the 200 event-stream response if it has not started."""
+        conn = self._h11
+        assert conn is not None
+        if self._phase is Phase.WORKING:
+            headers = self._headers(ex, b"text/event-stream", now)
+            headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+            self._out += conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
+            self._set_phase(Input.RESPONSE_STARTED)
+            ex.status = 200
+        if data:
+            self._out += conn.send(h11.Data(data=data))
+
+    def _end_stream(self, ex: _Exchange, now: float) -> None:
+        conn = self._h11
+        assert conn is not None
+        self._out += conn.send(h11.EndOfMessage())
+        self._finish_exchange(ex, now, streamed=True)
+
+    def _respond_error(
+        self, ex: _Exchange, error: RequestError, now: float, *, close: bool = False
+    ) -> None:
+        extra = list(error.headers)
+        if error.status == 401:
+            extra.append(("www-authenticate", "Bearer"))
+        body = sse.dumps(openai.error_body(error))
+        self._respond(ex, error.status, body, now, extra=extra, close=close)
+
+    def _respond(
+        self,
+        ex: _Exchange,
+        status: int,
+        body: bytes,
+        now: float,
+        *,
+        extra: Sequence[tuple[str, str]] = (),
+        close: bool = False,
+    ) -> None:
+        conn = self._h11
+        assert conn is not None
+        headers = self._headers(ex, b"application/json" if status != 204 else None, now)
+        if ex.route is not None and ex.route.endpoint is Endpoint.PREFLIGHT:
+            headers.append((b"allow", b"GET, POST, OPTIONS"))
+            headers += self._preflight_headers(ex)
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
+        if status != 204:
+            headers.append((b"content-length", str(len(body)).encode("ascii")))
+        if close or self._shutdown_deadline is not None:
+            headers.append((b"connection", b"close"))
+        self._out += conn.send(
+            h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        )
+        if body:
+            self._out += conn.send(h11.Data(data=body))
+        self._out += conn.send(h11.EndOfMessage())
+        ex.status = status
+        self._finish_exchange(ex, now, streamed=False)
+
+    def _headers(
+        self, ex: _Exchange, content_type: bytes | None, now: float
+    ) -> list[tuple[bytes, bytes]]:
+        elapsed = max(0, int((now - ex.started) * 1000))
+        headers = [
+            (b"x-request-id", ex.request_id.encode("ascii")),
+            (b"openai-version", b"2020-10-01"),
+            (b"openai-processing-ms", str(elapsed).encode("ascii")),
+            (b"server", self.config.server_name.encode("latin-1")),
+        ]
+        if content_type is not None:
+            headers.insert(0, (b"content-type", content_type))
+        allowed = self._allowed_origin(ex)
+        if allowed is not None:
+            headers += [
+                (b"access-control-allow-origin", allowed.encode("latin-1")),
+                (b"access-control-expose-headers", _EXPOSED_HEADERS.encode("ascii")),
+                (b"vary", b"origin"),
+            ]
+        return headers
+
+    def _allowed_origin(self, ex: _Exchange) -> str | None:
+        origins = self.config.cors_origins
+        if not origins or ex.origin is None:
+            return None
+        if "*" in origins:
+            return "*"
+        return ex.origin if ex.origin in origins else None
+
+    def _preflight_headers(self, ex: _Exchange) -> list[tuple[bytes, bytes]]:
+        if self._allowed_origin(ex) is None:
+            return []
+        # Reflect what the browser asks for: SDKs keep adding x-stainless-* headers (B13).
+        return [
+            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            (
+                b"access-control-allow-headers",
+                ex.requested_headers or b"authorization, content-type",
+            ),
+            (b"access-control-max-age", b"600"),
+        ]
+
+    def _finish_exchange(self, ex: _Exchange, now: float, *, streamed: bool) -> None:
+        conn = self._h11
+        assert conn is not None
+        path, _ = split_target(ex.target)  # never log a query: it may carry a token
+        self._outputs.append(
+            RequestCompleted(
+                method=ex.method,
+                target=path,
+                status=ex.status,
+                request_id=ex.request_id,
+                duration=max(0.0, now - ex.started),
+                streamed=streamed,
+                user_id=ex.user_id,
+            )
+        )
+        self._ex = None
+        keep_alive = (
+            conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+            and self._shutdown_deadline is None
+        )
+        if not keep_alive:
+            self._close()
+            return
+        # Bytes h11 holds beyond this request belong to the next one: they go back in front
+        # of the strictness layer rather than to this h11 connection.
+        self._inbuf[:0] = conn.trailing_data[0]
+        self._h11 = None
+        self._set_phase(Input.RESPONSE_FINISHED)
+        self._deadline = now + self.config.keepalive_timeout
+
+    # --- failure and closing -------------------------------------------------------
+
+    def _fail(self, exc: RemoteProtocolError | h11.RemoteProtocolError, now: float) -> None:
+        """The peer broke HTTP: answer if no response has started, then close."""
+        if isinstance(exc, h11.RemoteProtocolError):
+            status, message = exc.error_status_hint, str(exc)
+        else:
+            status, message = exc.status, exc.message
+        self._outputs.append(ConnectionFailed(reason=message, status=status))
+        self._cancel_work()
+        if self._phase is not Phase.STREAMING:
+            self._out += _fatal_response(status, message)
+        self._close()
+
+    def _cancel_work(self) -> None:
+        ex = self._ex
+        if ex is not None and ex.stream_id is not None:
+            self._outputs.append(CancelProvider(stream_id=ex.stream_id))
+            ex.stream_id = None
+
+    def _close(self) -> None:
+        self._set_phase(Input.CLOSE)
+        self._deadline = None
+        self._shutdown_deadline = None
+        self._inbuf.clear()
+        self._outputs.append(CloseTransport())
+
+    # --- small helpers ------------------------------------------------------------------
+
+    def _set_phase(self, event: Input) -> None:
+        self._phase = next_phase(self._phase, event)
+
+    def _active(self, stream_id: int) -> _Exchange | None:
+        ex = self._ex
+        if ex is None or ex.stream_id != stream_id or self._phase is Phase.CLOSED:
+            return None  # a late result for a call we gave up on: dropped
+        return ex
+
+    def _new_stream_id(self) -> int:
+        stream_id = self._next_stream_id
+        self._next_stream_id += 1
+        return stream_id
+
+
+def _auth_error(failure: str) -> RequestError:
+    if failure == "missing":
+        message = (
+            "You didn't provide an API key. You need to provide your API key in an"
+            " Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    else:
+        message = "Incorrect API key provided."
+    return RequestError(message, status=401, code="invalid_api_key")
+
+
+def _model_not_found(model: str) -> RequestError:
+    return RequestError(
+        f"The model `{model}` does not exist or you do not have access to it.",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _fatal_response(status: int, message: str) -> bytes:
+    """A complete error response written without h11, whose state may be broken by now."""
+    error = RequestError(message, status=status, code=None)
+    body = sse.dumps(openai.error_body(error))
+    reason = _reason(status)
+    head = (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (status, reason, len(body))
+    )
+    return head + body
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""

@@ -1,0 +1,77 @@
+"""What the engine asks of the outside world (effects) and what it reports (notices).
+
+Rules of this module:
+
+* Every class is a frozen, slotted, keyword-only dataclass; the unions at the bottom list
+  them all so the transport can ``match`` exhaustively.
+* Effects have imperative names: the transport must carry them out. Notices have past-tense
+  names: the transport may log or count them and otherwise ignore them.
+* Work is correlated by ``stream_id``, a small integer unique within one connection. Results
+  come back through ``ServerConnection.provider_*`` / ``models_listed`` with the same id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .chat import ChatRequest
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallProvider:
+    """Start a provider stream for ``request``; feed its items to ``provider_chunk``, its end
+    to ``provider_done`` and its failure to ``provider_failed``. Pull the next item only
+    after the socket has drained."""
+
+    stream_id: int
+    request: ChatRequest
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelProvider:
+    """Stop the provider stream (or model listing) ``stream_id``; report nothing more for it."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListModels:
+    """List the models of every provider; answer with ``models_listed`` or ``provider_failed``."""
+
+    stream_id: int
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseTransport:
+    """Close the socket once ``data_to_send()`` has been written (``abort``: drop it now,
+    without flushing, so the peer sees a truncated response)."""
+
+    abort: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestCompleted:
+    """One HTTP exchange ended (the access-log line). ``target`` has its query removed."""
+
+    method: str
+    target: str
+    status: int
+    request_id: str
+    duration: float
+    streamed: bool = False
+    user_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionFailed:
+    """The peer broke the protocol; the engine has answered (if it could) and will close."""
+
+    reason: str
+    status: int | None = None
+
+
+Effect = CallProvider | CancelProvider | ListModels | CloseTransport
+Notice = RequestCompleted | ConnectionFailed
+Output = Effect | Notice

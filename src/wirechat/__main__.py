@@ -1,0 +1,3 @@
+from wirechat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""The ``wirechat`` command: ``serve``, ``chat-server`` and ``worker`` (PROTOCOL.md §0).
+
+Flags win over environment variables, which win over defaults. Every limit of the engine
+has a flag here and lands in one ``EngineConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from wirechat.engine import AuthMode, EngineConfig, StaticKey, Surface
+
+_LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
+    ("--max-head-bytes", "max_head_bytes", int),
+    ("--max-body-bytes", "max_body_bytes", int),
+    ("--max-ws-message-bytes", "max_ws_message_bytes", int),
+    ("--max-depth", "max_depth", int),
+    ("--head-timeout", "head_timeout", float),
+    ("--body-timeout", "body_timeout", float),
+    ("--keepalive-timeout", "keepalive_timeout", float),
+    ("--ws-ping-interval", "ws_ping_interval", float),
+    ("--ws-ping-timeout", "ws_ping_timeout", float),
+    ("--shutdown-grace", "shutdown_grace", float),
+    ("--send-timeout", "send_timeout", float),
+    ("--provider-first-item-timeout", "provider_first_item_timeout", float),
+    ("--provider-idle-timeout", "provider_idle_timeout", float),
+)
+
+
+class UsageError(Exception):
+    """The command line or environment asks for something we cannot start with."""
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wirechat",
+        description="OpenAI-compatible and NodeTool-compatible chat server.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "serve": "every endpoint: OpenAI HTTP API and /health",
+        "chat-server": "the OpenAI endpoints and /health only",
+        "worker": "OpenAI endpoints, /health and /ping; binds 0.0.0.0 and requires auth",
+    }
+    for name, text in helps.items():
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--host", help="address to bind (default 127.0.0.1; worker 0.0.0.0)")
+        sub.add_argument(
+            "--port", type=int, help="port to bind, 0 for any free port (env PORT; default 8000)"
+        )
+        sub.add_argument(
+            "--provider",
+            help="provider for requests that name none "
+            "(env CHAT_PROVIDER; default: the embedded 'wirechat' provider)",
+        )
+        sub.add_argument(
+            "--default-model",
+            help="model for /chat messages that name none (env DEFAULT_MODEL; default echo)",
+        )
+        sub.add_argument(
+            "--auth-provider",
+            choices=[m.value for m in AuthMode],
+            help="none, local (default), static or supabase (env AUTH_PROVIDER)",
+        )
+        sub.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            help="processes sharing the listening socket (default 1)",
+        )
+        sub.add_argument(
+            "--log-level",
+            default=_env("LOG_LEVEL") or "info",
+            choices=["debug", "info", "warning", "error"],
+        )
+        sub.add_argument(
+            "--cors-origins",
+            help="comma-separated origins allowed by CORS ('*' for any; default none)",
+        )
+        for flag, field, kind in _LIMIT_FLAGS:
+            sub.add_argument(flag, dest=field, type=kind, metavar=kind.__name__.upper())
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> EngineConfig:
+    surface = Surface(args.command)
+    mode_name = args.auth_provider or (_env("AUTH_PROVIDER") or "local").lower()
+    try:
+        mode = AuthMode(mode_name)
+    except ValueError:
+        mode = AuthMode.LOCAL  # NodeTool treats an unknown value as local
+    tokens = [t.strip() for t in (_env("WORKER_AUTH_TOKEN") or "").split(",") if t.strip()]
+    if mode is AuthMode.SUPABASE:
+        raise UsageError("--auth-provider supabase is not available in this version of wirechat")
+    if mode is AuthMode.STATIC and not tokens:
+        raise UsageError("--auth-provider static needs WORKER_AUTH_TOKEN (comma-separated tokens)")
+    if surface is Surface.WORKER and not mode.enforced and args.auth_provider != "none":
+        raise UsageError(
+            "wirechat worker refuses to start without auth: set WORKER_AUTH_TOKEN and"
+            " --auth-provider static, or pass --auth-provider none explicitly"
+        )
+    provider = args.provider or _env("CHAT_PROVIDER")
+    if provider not in (None, "wirechat", "echo"):
+        raise UsageError(f"unknown provider {provider!r}: this version has only 'wirechat'")
+    limits = {field: getattr(args, field) for _, field, _ in _LIMIT_FLAGS}
+    cors = args.cors_origins or _env("CORS_ORIGINS") or ""
+    return EngineConfig(
+        surface=surface,
+        auth_mode=mode,
+        static_keys=tuple(StaticKey.from_token(t) for t in tokens),
+        default_model=args.default_model or _env("DEFAULT_MODEL") or "echo",
+        cors_origins=tuple(o.strip() for o in cors.split(",") if o.strip()),
+        **{k: v for k, v in limits.items() if v is not None},
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _run_one(config: EngineConfig, sock: socket.socket, announce: bool) -> None:
+    from wirechat.providers.registry import default_router
+    from wirechat.transport.server import Server, install_event_loop_policy, serve
+
+    install_event_loop_policy()
+    server = Server(config, default_router())
+    asyncio.run(serve(server, sock=sock, on_ready=lambda _: _announce(sock) if announce else None))
+
+
+def _announce(sock: socket.socket) -> None:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"wirechat listening on http://{shown}:{port}", flush=True)
+
+
+def _run_workers(config: EngineConfig, sock: socket.socket, workers: int) -> int:
+    """Fork ``workers`` processes that accept from one shared socket; forward signals."""
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _run_one(config, sock, announce=False)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    _announce(sock)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        _, code = os.waitpid(child, 0)
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = build_config(args)
+    except (UsageError, ValueError) as exc:
+        print(f"wirechat: {exc}", file=sys.stderr)
+        return 2
+    default_host = "0.0.0.0" if config.surface is Surface.WORKER else "127.0.0.1"
+    host = args.host or default_host
+    port = args.port if args.port is not None else int(_env("PORT") or 8000)
+    try:
+        sock = _listen(host, port)
+    except OSError as exc:
+        print(f"wirechat: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    if args.workers > 1 and hasattr(os, "fork"):
+        return _run_workers(config, sock, args.workers)
+    _run_one(config, sock, announce=True)
+    return 0

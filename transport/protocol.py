@@ -1,0 +1,220 @@
+"""``EngineProtocol``: the asyncio protocol that moves bytes between a socket and the engine.
+
+Rules of this module:
+
+* No protocol knowledge: every decision is the engine's. This module feeds bytes and
+  provider results in, writes ``data_to_send()``, carries out ``effects()`` and keeps one
+  timer armed at ``next_deadline()``.
+* Back-pressure: a provider stream is pulled one item at a time, and the next item is not
+  pulled until the socket has drained (``pause_writing``/``resume_writing``), so a slow
+  reader slows generation instead of growing a buffer. A client that does not read for
+  ``send_timeout`` seconds is dropped.
+* Cancellation: every task started for a connection is cancelled when the engine says so
+  (``CancelProvider``) or when the socket goes away; a cancelled provider call reports
+  nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any, assert_never
+
+from wirechat.engine import (
+    CallProvider,
+    CancelProvider,
+    CloseTransport,
+    ConnectionFailed,
+    ListModels,
+    ProviderError,
+    RequestCompleted,
+    ServerConnection,
+)
+
+if TYPE_CHECKING:
+    from .server import Server
+
+access_log = logging.getLogger("wirechat.access")
+logger = logging.getLogger("wirechat.transport")
+
+
+class EngineProtocol(asyncio.Protocol):
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._conn = ServerConnection(server.config, time.time())
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._writable: asyncio.Event = asyncio.Event()
+        self._writable.set()
+        self._reading = True
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Every SSE event must leave at once, not wait for Nagle (reference §4.1).
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._server.connections.add(self)
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        self._conn.receive_data(data, time.time())
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self._conn.receive_eof(time.time())
+        self._pump()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._conn.closed:
+            self._conn.receive_eof(time.time())
+            self._conn.effects()  # the socket is gone: only the cancellations below matter
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._writable.set()  # wake a waiting drain: its task is being cancelled anyway
+        self._server.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # --- the pump -----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Write what the engine produced, carry out its effects, re-arm the timer."""
+        transport = self._transport
+        if transport is None:
+            return
+        data = self._conn.data_to_send()
+        if data and not transport.is_closing():
+            transport.write(data)
+        for output in self._conn.effects():
+            match output:
+                case CallProvider():
+                    self._start(output.stream_id, self._run_provider(output))
+                case ListModels():
+                    self._start(output.stream_id, self._list_models(output))
+                case CancelProvider():
+                    task = self._tasks.pop(output.stream_id, None)
+                    if task is not None:
+                        task.cancel()
+                case CloseTransport():
+                    if output.abort:
+                        transport.abort()
+                    else:
+                        transport.close()  # flushes what was written first
+                case RequestCompleted():
+                    self._log_request(output)
+                case ConnectionFailed():
+                    logger.debug("closing a connection: %s (%s)", output.reason, output.status)
+                case _:
+                    assert_never(output)
+        self._arm_timer(self._conn.next_deadline())
+        if self._reading == self._conn.reading_paused and not transport.is_closing():
+            self._reading = not self._reading
+            if self._reading:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    def _arm_timer(self, deadline: float | None) -> None:
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - time.time())
+            self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._conn.handle_timer(time.time())
+        self._pump()
+
+    def start_shutdown(self) -> None:
+        self._conn.start_shutdown(time.time())
+        self._pump()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- work the engine asked for ------------------------------------------------------
+
+    def _start(self, stream_id: int, work: Any) -> None:
+        self._tasks[stream_id] = self._loop.create_task(work)
+
+    async def _run_provider(self, call: CallProvider) -> None:
+        conn, sid = self._conn, call.stream_id
+        try:
+            stream = self._server.providers.stream(call.request)
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for item in stream:
+                    conn.provider_chunk(sid, item, time.time())
+                    self._pump()
+                    await self._drain()
+            conn.provider_done(sid, time.time())
+        except ProviderError as exc:
+            conn.provider_failed(sid, exc, time.time())
+        except (asyncio.CancelledError, ConnectionError):
+            return
+        except Exception:
+            logger.exception("provider failed on %s", call.request.model)
+            conn.provider_failed(sid, ProviderError("The model failed", status=500), time.time())
+        finally:
+            if self._tasks.get(sid) is asyncio.current_task():
+                del self._tasks[sid]
+        self._pump()
+
+    async def _list_models(self, effect: ListModels) -> None:
+        sid = effect.stream_id
+        try:
+            models = await self._server.providers.list_models()
+            self._conn.models_listed(sid, models, time.time())
+        except ProviderError as exc:
+            self._conn.provider_failed(sid, exc, time.time())
+        finally:
+            self._tasks.pop(sid, None)
+        self._pump()
+
+    async def _drain(self) -> None:
+        if self._writable.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._writable.wait(), self._server.config.send_timeout)
+        except TimeoutError:
+            logger.info("dropping a client that stopped reading")
+            self.abort()
+            raise ConnectionError("client stopped reading") from None
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionError("connection closed")
+
+    def _log_request(self, done: RequestCompleted) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s %d %.1fms rid=%s%s",
+                done.method,
+                done.target,
+                done.status,
+                done.duration * 1000,
+                done.request_id,
+                " stream" if done.streamed else "",
+            )

@@ -1,0 +1,117 @@
+"""Listening sockets, the event loop, signals and graceful shutdown.
+
+Rules of this module: it only owns lifecycles. ``Server`` binds, accepts (one
+``EngineProtocol`` per connection) and shuts down: stop accepting, let the engine of every
+connection finish what is in flight within the grace period, then drop what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from wirechat.engine import EngineConfig
+from wirechat.providers.registry import ProviderRouter
+
+from .protocol import EngineProtocol
+
+logger = logging.getLogger("wirechat")
+
+
+class Server:
+    """One wirechat server: an engine config, the providers, and the sockets it listens on."""
+
+    def __init__(self, config: EngineConfig, providers: ProviderRouter) -> None:
+        self.config = config
+        self.providers = providers
+        self.connections: set[EngineProtocol] = set()
+        self._servers: list[asyncio.Server] = []
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        sock: socket.socket | None = None,
+        reuse_port: bool = False,
+        backlog: int = 2048,
+    ) -> list[tuple[str, int]]:
+        """Start listening; returns the bound (host, port) pairs (the real port for 0)."""
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            server = await loop.create_server(
+                lambda: EngineProtocol(self), sock=sock, backlog=backlog
+            )
+        else:
+            server = await loop.create_server(
+                lambda: EngineProtocol(self),
+                host,
+                port,
+                reuse_port=reuse_port or None,
+                backlog=backlog,
+            )
+        self._servers.append(server)
+        return [s.getsockname()[:2] for s in server.sockets]
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight responses finish within the grace, then close."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.start_shutdown()
+        # The engine ends each stream itself at the grace deadline; the extra second only
+        # covers the last writes before we drop whatever is still open.
+        deadline = time.monotonic() + self.config.shutdown_grace + 1.0
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+
+def install_event_loop_policy() -> None:
+    """Use uvloop where it is installed (not on Windows)."""
+    if sys.platform == "win32":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(
+    server: Server,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    sock: socket.socket | None = None,
+    on_ready: Callable[[list[tuple[str, int]]], None] | None = None,
+) -> None:
+    """Run ``server`` until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # Not the main thread, or Windows: the embedding program handles signals itself.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    addresses = await server.start(host, port, sock=sock)
+    if on_ready is not None:
+        on_ready(addresses)
+    await stop.wait()
+    logger.info("shutting down: %d connection(s) open", len(server.connections))
+    await server.shutdown()
