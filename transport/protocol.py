@@ -174,7 +174,10 @@ class EngineProtocol(asyncio.Protocol):
             conn.provider_done(sid, time.time())
         except ProviderError as exc:
             conn.provider_failed(sid, exc, time.time())
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
+            logger.debug("provider call %d for %s cancelled", sid, call.request.model)
+            raise
+        except ConnectionError:
             return
         except Exception:
             logger.exception("provider failed on %s", call.request.model)
