@@ -13,6 +13,8 @@ import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .chat import ToolSpec
+
 
 class AuthMode(StrEnum):
     NONE = "none"
@@ -79,6 +81,11 @@ class EngineConfig:
     provider_idle_timeout: float = 120.0
     ws_ping_interval: float = 20.0
     ws_ping_timeout: float = 20.0
+    # After our Close frame, how long the peer has to answer before the socket is dropped.
+    ws_close_timeout: float = 10.0
+    # /chat: how long a client-side tool may take, and how many tool rounds one turn may run.
+    client_tool_timeout: float = 60.0
+    max_tool_rounds: int = 10
     shutdown_grace: float = 30.0
     # Used by the transport: the longest a write may wait for a client that does not read
     # before the connection is dropped (nginx send_timeout).
@@ -90,6 +97,9 @@ class EngineConfig:
     static_keys: tuple[StaticKey, ...] = ()
     cors_origins: tuple[str, ...] = ()
     default_model: str = "echo"
+    # The server-side tools (name, description, JSON schema) a /chat message may enable;
+    # the transport fills it from the tool registry. Data only: the engine never runs them.
+    server_tools: tuple[ToolSpec, ...] = ()
     server_name: str = "wirechat"
 
     def __post_init__(self) -> None:

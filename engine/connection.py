@@ -29,8 +29,9 @@ from http import HTTPStatus
 import h11
 
 from . import openai, sse
-from .auth import LOCAL_USER, authenticate, bearer_token
-from .chat import ModelInfo, ProviderError, ProviderItem
+from .auth import LOCAL_USER, authenticate, bearer_token, query_token
+from .chat import ChatMessage, ModelInfo, ProviderError, ProviderItem
+from .chat_socket import ChatSocket
 from .completion import CompletionRun
 from .config import EngineConfig
 from .errors import RemoteProtocolError, RequestError, request_error_for
@@ -43,9 +44,10 @@ from .events import (
     Output,
     RequestCompleted,
 )
-from .http_head import check_request_head
+from .http_head import ChunkedBodyCheck, check_request_head
 from .routing import Endpoint, Route, route, split_target
 from .state import Input, Phase, next_phase
+from .ws_handshake import accept_token, handshake_key
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _EXPOSED_HEADERS = "x-request-id, openai-processing-ms, openai-version, retry-after, retry-after-ms"
@@ -68,7 +70,10 @@ class _Exchange:
     route: Route | None = None
     error: RequestError | None = None
     user_id: str | None = None
+    ws_key: bytes | None = None  # a valid WebSocket upgrade's key
+    ws_auth_failure: str | None = None  # the 1008 close reason, after the handshake
     body: bytearray = field(default_factory=bytearray)
+    body_size: int = 0  # counted for every route: the limit holds even for a body we drop
     stream_id: int | None = None
     run: CompletionRun | None = None
     status: int = 0
@@ -84,6 +89,8 @@ class ServerConnection:
         self._h11: h11.Connection | None = None
         self._ex: _Exchange | None = None
         self._next_stream_id = 1
+        self._socket: ChatSocket | None = None  # after a /chat upgrade
+        self._chunk_check: ChunkedBodyCheck | None = None
         # A new connection must send a head within the head timeout, like one kept alive.
         self._deadline: float | None = now + config.head_timeout
         self._shutdown_deadline: float | None = None
@@ -98,18 +105,20 @@ class ServerConnection:
 
     def effects(self) -> list[Output]:
         """Effects to carry out and notices to log, in the order they arose. Empties them."""
-        outputs, self._outputs = self._outputs, []
+        outputs = self._outputs.copy()
+        self._outputs.clear()  # in place: the /chat session holds its bound append
         return outputs
 
     def next_deadline(self) -> float | None:
         """When to call ``handle_timer`` next (same clock as ``now``), or ``None``."""
         if self._phase is Phase.CLOSED:
             return None
+        deadline = self._socket.next_deadline() if self._socket is not None else self._deadline
         if self._shutdown_deadline is None:
-            return self._deadline
-        if self._deadline is None:
+            return deadline
+        if deadline is None:
             return self._shutdown_deadline
-        return min(self._deadline, self._shutdown_deadline)
+        return min(deadline, self._shutdown_deadline)
 
     @property
     def reading_paused(self) -> bool:
@@ -130,10 +139,16 @@ class ServerConnection:
         """Bytes from the peer (``b""`` is ignored; EOF is ``receive_eof``)."""
         if not data or self._phase is Phase.CLOSED:
             return
+        if self._socket is not None:
+            self._socket.receive_data(data, now)
+            self._flush_socket(now)
+            return
         try:
             if self._phase is Phase.BODY:
                 assert self._h11 is not None
                 self._deadline = now + self.config.body_timeout
+                if self._chunk_check is not None:
+                    self._chunk_check.feed(data)
                 self._h11.receive_data(data)
                 self._read_request(now)
             else:
@@ -146,6 +161,8 @@ class ServerConnection:
         """The peer closed its side: whatever is in progress is abandoned."""
         if self._phase is Phase.CLOSED:
             return
+        if self._socket is not None:
+            self._socket.session.close()
         self._cancel_work()
         self._close()
 
@@ -153,6 +170,10 @@ class ServerConnection:
 
     def provider_chunk(self, stream_id: int, item: ProviderItem, now: float) -> None:
         """One item of the provider stream ``stream_id`` (ignored if that call is over)."""
+        if self._socket is not None:
+            self._socket.session.provider_chunk(stream_id, item, now)
+            self._flush_socket(now)
+            return
         ex = self._active(stream_id)
         if ex is None or ex.run is None:
             return
@@ -163,6 +184,10 @@ class ServerConnection:
 
     def provider_done(self, stream_id: int, now: float) -> None:
         """The provider stream ``stream_id`` ended normally."""
+        if self._socket is not None:
+            self._socket.session.provider_done(stream_id, now)
+            self._flush_socket(now)
+            return
         ex = self._active(stream_id)
         if ex is None or ex.run is None:
             return
@@ -184,6 +209,10 @@ class ServerConnection:
 
     def provider_failed(self, stream_id: int, error: ProviderError, now: float) -> None:
         """The provider call (or model listing) ``stream_id`` failed with ``error``."""
+        if self._socket is not None:
+            self._socket.session.provider_failed(stream_id, error, now)
+            self._flush_socket(now)
+            return
         ex = self._active(stream_id)
         if ex is None:
             return
@@ -213,6 +242,32 @@ class ServerConnection:
             self._respond(ex, 200, sse.dumps(openai.model_list_body(list(models))), now)
         self._advance(now)
 
+    def thread_opened(self, op_id: int, history: Sequence[ChatMessage], now: float) -> None:
+        """The answer to ``OpenThread(op_id)``: the thread's messages, oldest first."""
+        if self._socket is not None:
+            self._socket.session.thread_opened(op_id, history, now)
+            self._flush_socket(now)
+
+    def messages_saved(self, op_id: int, now: float) -> None:
+        """The answer to ``SaveMessages(op_id)``: the messages are durable."""
+        if self._socket is not None:
+            self._socket.session.messages_saved(op_id, now)
+            self._flush_socket(now)
+
+    def store_failed(self, op_id: int, message: str, now: float) -> None:
+        """``OpenThread`` or ``SaveMessages`` ``op_id`` failed; ``message`` is for the user."""
+        if self._socket is not None:
+            self._socket.session.store_failed(op_id, message, now)
+            self._flush_socket(now)
+
+    def tool_finished(
+        self, op_id: int, ok: bool, result: object, error: str | None, now: float
+    ) -> None:
+        """The answer to ``RunTool(op_id)``: its JSON-able result, or an error text."""
+        if self._socket is not None:
+            self._socket.session.tool_finished(op_id, ok, result, error, now)
+            self._flush_socket(now)
+
     # --- inputs from the clock and the server ----------------------------------------
 
     def handle_timer(self, now: float) -> None:
@@ -221,6 +276,10 @@ class ServerConnection:
             return
         if self._shutdown_deadline is not None and now >= self._shutdown_deadline:
             self._abandon("The server is shutting down", now)
+            return
+        if self._socket is not None:
+            self._socket.handle_timer(now)
+            self._flush_socket(now)
             return
         if self._deadline is None or now < self._deadline:
             return
@@ -248,9 +307,16 @@ class ServerConnection:
         self._shutdown_deadline = now + self.config.shutdown_grace
         if self._phase is Phase.IDLE and not self._inbuf:
             self._close()
+        elif self._socket is not None:
+            self._flush_socket(now)  # closes now unless a turn is running
 
     def _abandon(self, message: str, now: float) -> None:
         """Grace is over: end whatever is in flight with an error, then close."""
+        if self._socket is not None:
+            self._socket.close(1001, "server shutting down", now)
+            self._out += self._socket.ws.data_to_send()
+            self._close()
+            return
         ex = self._ex
         self._cancel_work()
         if ex is not None and self._phase is Phase.STREAMING and ex.run is not None:
@@ -271,22 +337,29 @@ class ServerConnection:
 
     def _advance(self, now: float) -> None:
         """Start on buffered request heads while the connection is free for one."""
-        while self._phase in (Phase.IDLE, Phase.HEAD) and self._inbuf:
-            end = check_request_head(self._inbuf, self.config)
-            if end is None:
-                if self._phase is Phase.IDLE:
-                    self._set_phase(Input.BYTES)
-                    self._deadline = now + self.config.head_timeout
-                return
-            self._set_phase(Input.HEAD_ACCEPTED)
-            self._deadline = now + self.config.body_timeout
-            self._h11 = h11.Connection(
-                h11.SERVER, max_incomplete_event_size=self.config.max_head_bytes
-            )
-            data = bytes(self._inbuf)
-            self._inbuf.clear()
-            self._h11.receive_data(data)
-            self._read_request(now)
+        try:
+            while self._phase in (Phase.IDLE, Phase.HEAD) and self._inbuf:
+                head = check_request_head(self._inbuf, self.config)
+                if head is None:
+                    if self._phase is Phase.IDLE:
+                        self._set_phase(Input.BYTES)
+                        self._deadline = now + self.config.head_timeout
+                    return
+                self._set_phase(Input.HEAD_ACCEPTED)
+                self._deadline = now + self.config.body_timeout
+                self._h11 = h11.Connection(
+                    h11.SERVER, max_incomplete_event_size=self.config.max_head_bytes
+                )
+                data = bytes(self._inbuf)
+                self._inbuf.clear()
+                self._chunk_check = ChunkedBodyCheck() if head.chunked else None
+                if self._chunk_check is not None:
+                    self._chunk_check.feed(data[head.length :])
+                self._h11.receive_data(data)
+                self._read_request(now)
+        except (RemoteProtocolError, h11.RemoteProtocolError) as exc:
+            # Also reached from provider_done & co, for requests pipelined behind a response.
+            self._fail(exc, now)
 
     def _read_request(self, now: float) -> None:
         conn = self._h11
@@ -329,8 +402,17 @@ class ServerConnection:
                     type="service_unavailable",
                     headers=(("retry-after", "1"),),
                 )
-            if not ex.route.public:
-                result = authenticate(bearer_token(headers.get(b"authorization")), self.config)
+            token = bearer_token(headers.get(b"authorization"))
+            if ex.route.endpoint is Endpoint.CHAT_WS:
+                ex.ws_key = handshake_key(headers)
+                # NodeTool accepts the handshake, then closes 1008 (PROTOCOL.md §3).
+                result = authenticate(token or query_token(split_target(ex.target)[1]), self.config)
+                ex.user_id = result.user_id
+                if result.user_id is None:
+                    missing = result.failure == "missing"
+                    ex.ws_auth_failure = f"{'Missing' if missing else 'Invalid'} authentication"
+            elif not ex.route.public:
+                result = authenticate(token, self.config)
                 if result.user_id is None:
                     raise _auth_error(result.failure or "invalid")
                 ex.user_id = result.user_id
@@ -348,7 +430,8 @@ class ServerConnection:
     def _on_body(self, data: bytes) -> None:
         ex = self._ex
         assert ex is not None
-        if len(ex.body) + len(data) > self.config.max_body_bytes:
+        ex.body_size += len(data)
+        if ex.body_size > self.config.max_body_bytes:
             raise RemoteProtocolError("Request body too large", status=413)
         if (
             ex.error is None
@@ -371,6 +454,8 @@ class ServerConnection:
             self._respond(ex, 200, sse.dumps({"status": "healthy", "timestamp": stamp}), now)
         elif endpoint is Endpoint.PREFLIGHT:
             self._respond(ex, 204, b"", now)
+        elif endpoint is Endpoint.CHAT_WS:
+            self._upgrade(ex, now)
         elif endpoint in (Endpoint.MODELS, Endpoint.MODEL):
             ex.stream_id = self._new_stream_id()
             self._outputs.append(
@@ -379,7 +464,7 @@ class ServerConnection:
             self._deadline = now + self.config.provider_first_item_timeout
         else:
             try:
-                parsed = openai.parse_chat_request(bytes(ex.body))
+                parsed = openai.parse_chat_request(bytes(ex.body), max_depth=self.config.max_depth)
             except RequestError as exc:
                 self._respond_error(ex, exc, now)
                 return
@@ -406,6 +491,8 @@ class ServerConnection:
         if self._phase is Phase.WORKING:
             headers = self._headers(ex, b"text/event-stream", now)
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+            if self._shutdown_deadline is not None:
+                headers.append((b"connection", b"close"))
             self._out += conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
             self._set_phase(Input.RESPONSE_STARTED)
             ex.status = 200
@@ -451,7 +538,7 @@ class ServerConnection:
         self._out += conn.send(
             h11.Response(status_code=status, headers=headers, reason=_reason(status))
         )
-        if body:
+        if body and ex.method != "HEAD":  # a HEAD answer has the GET headers, no body
             self._out += conn.send(h11.Data(data=body))
         self._out += conn.send(h11.EndOfMessage())
         ex.status = status
@@ -530,6 +617,58 @@ class ServerConnection:
         self._set_phase(Input.RESPONSE_FINISHED)
         self._deadline = now + self.config.keepalive_timeout
 
+    def _upgrade(self, ex: _Exchange, now: float) -> None:
+        """Answer 101 and hand the connection (and the bytes after the head) to /chat."""
+        conn = self._h11
+        assert conn is not None and ex.ws_key is not None
+        headers = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", accept_token(ex.ws_key)),
+            (b"x-request-id", ex.request_id.encode("ascii")),
+        ]
+        self._out += conn.send(h11.InformationalResponse(status_code=101, headers=headers))
+        ex.status = 101
+        path, _ = split_target(ex.target)  # the query may hold the api_key: never logged
+        self._outputs.append(
+            RequestCompleted(
+                method=ex.method,
+                target=path,
+                status=101,
+                request_id=ex.request_id,
+                duration=0.0,
+                user_id=ex.user_id,
+            )
+        )
+        trailing = conn.trailing_data[0] + bytes(self._inbuf)
+        self._inbuf.clear()
+        self._h11 = None
+        self._ex = None
+        self._set_phase(Input.UPGRADED)
+        socket = ChatSocket(
+            self.config,
+            now,
+            ex.user_id or "",
+            emit=self._outputs.append,
+            new_id=self._new_stream_id,
+        )
+        self._socket = socket
+        if ex.ws_auth_failure is not None:
+            socket.close(1008, ex.ws_auth_failure, now)
+        elif trailing:
+            socket.receive_data(trailing, now)
+        self._flush_socket(now)
+
+    def _flush_socket(self, now: float) -> None:
+        socket = self._socket
+        assert socket is not None
+        if self._shutdown_deadline is not None and socket.ws.open and not socket.session.busy:
+            socket.close(1001, "server shutting down", now)
+        self._out += socket.ws.data_to_send()
+        if socket.ws.transport_done and self._phase is not Phase.CLOSED:
+            socket.session.close()
+            self._close()
+
     # --- failure and closing -------------------------------------------------------
 
     def _fail(self, exc: RemoteProtocolError | h11.RemoteProtocolError, now: float) -> None:
@@ -541,7 +680,8 @@ class ServerConnection:
         self._outputs.append(ConnectionFailed(reason=message, status=status))
         self._cancel_work()
         if self._phase is not Phase.STREAMING:
-            self._out += _fatal_response(status, message)
+            request_id = self._ex.request_id if self._ex is not None else new_id("req_")
+            self._out += _fatal_response(status, message, request_id)
         self._close()
 
     def _cancel_work(self) -> None:
@@ -551,6 +691,8 @@ class ServerConnection:
             ex.stream_id = None
 
     def _close(self) -> None:
+        if self._phase is Phase.CLOSED:
+            return
         self._set_phase(Input.CLOSE)
         self._deadline = None
         self._shutdown_deadline = None
@@ -594,14 +736,15 @@ def _model_not_found(model: str) -> RequestError:
     )
 
 
-def _fatal_response(status: int, message: str) -> bytes:
+def _fatal_response(status: int, message: str, request_id: str) -> bytes:
     """A complete error response written without h11, whose state may be broken by now."""
     error = RequestError(message, status=status, code=None)
     body = sse.dumps(openai.error_body(error))
     reason = _reason(status)
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, reason, len(body))
+        b"x-request-id: %s\r\nconnection: close\r\n\r\n"
+        % (status, reason, len(body), request_id.encode("ascii"))
     )
     return head + body
 

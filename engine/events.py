@@ -13,8 +13,9 @@ Rules of this module:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from .chat import ChatRequest
+from .chat import ChatMessage, ChatRequest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -41,6 +42,46 @@ class ListModels:
 
     stream_id: int
     user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenThread:
+    """Load thread ``thread_id`` for ``user_id`` (creating it if new), after durably
+    appending ``append``; answer with ``thread_opened`` (the whole history, oldest first)
+    or ``store_failed`` (also when the thread belongs to another user)."""
+
+    op_id: int
+    thread_id: str
+    user_id: str
+    append: tuple[ChatMessage, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveMessages:
+    """Durably append ``messages`` to thread ``thread_id``; answer with ``messages_saved``
+    or ``store_failed``."""
+
+    op_id: int
+    thread_id: str
+    user_id: str
+    messages: tuple[ChatMessage, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunTool:
+    """Run server tool ``name`` with ``arguments``; answer with ``tool_finished``."""
+
+    op_id: int
+    name: str
+    arguments: dict[str, Any]
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelTool:
+    """Stop the tool run ``op_id``; report nothing more for it."""
+
+    op_id: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +113,15 @@ class ConnectionFailed:
     status: int | None = None
 
 
-Effect = CallProvider | CancelProvider | ListModels | CloseTransport
+Effect = (
+    CallProvider
+    | CancelProvider
+    | ListModels
+    | OpenThread
+    | SaveMessages
+    | RunTool
+    | CancelTool
+    | CloseTransport
+)
 Notice = RequestCompleted | ConnectionFailed
 Output = Effect | Notice

@@ -17,12 +17,14 @@ Rules of this module:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from .config import EngineConfig
 from .errors import RemoteProtocolError
 
 _VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
 _METHOD = re.compile(rb"[A-Z]{1,20}")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,20}")  # h11's own grammar, so both agree
 
 
 def _reject(status: int, message: str) -> RemoteProtocolError:
@@ -38,8 +40,14 @@ def _check_line_endings(head: bytes | bytearray, complete: bool) -> None:
         raise _reject(400, "Invalid line ending in request head (bare CR or LF)")
 
 
-def check_request_head(buffer: bytes | bytearray, config: EngineConfig) -> int | None:
-    """Return the length of the complete head at the start of ``buffer``, or ``None``.
+@dataclass(frozen=True, slots=True)
+class Head:
+    length: int  # bytes of the head, final CRLF CRLF included
+    chunked: bool  # the body is chunked: its framing lines must be checked too
+
+
+def check_request_head(buffer: bytes | bytearray, config: EngineConfig) -> Head | None:
+    """Return the complete head at the start of ``buffer``, or ``None`` if incomplete.
 
     Raises :class:`RemoteProtocolError` (400, 414, 431, 501 or 505) for a head we refuse.
     """
@@ -92,6 +100,9 @@ def check_request_head(buffer: bytes | bytearray, config: EngineConfig) -> int |
         lowered = name.lower()
         if lowered == b"content-length":
             content_length += 1
+            # h11 merges "3, 3" into one value; a proxy may read it otherwise (smuggling).
+            if not value.strip(b" \t").isdigit():
+                raise _reject(400, "Malformed Content-Length")
         elif lowered == b"transfer-encoding":
             if transfer_encoding is not None:
                 raise _reject(400, "Duplicate Transfer-Encoding")
@@ -105,4 +116,66 @@ def check_request_head(buffer: bytes | bytearray, config: EngineConfig) -> int |
             raise _reject(400, "Transfer-Encoding on HTTP/1.0")
         if transfer_encoding != b"chunked":
             raise _reject(501, "Unsupported Transfer-Encoding")
-    return length
+    return Head(length=length, chunked=transfer_encoding is not None)
+
+
+class ChunkedBodyCheck:
+    """Checks the framing lines of a chunked body as its bytes arrive, before h11 does.
+
+    h11 parses the chunks; this refuses only what h11 lets through (reliability §2.1,
+    HTTP Garden #36): a CR, LF or NUL inside a chunk-size line or its extensions, or in a
+    trailer line, and over-long framing lines. Chunk data is skipped, never copied.
+    """
+
+    _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+    def __init__(self, max_line: int = 4096) -> None:
+        self._state = self._SIZE
+        self._line = bytearray()
+        self._remaining = 0
+        self._max_line = max_line
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self._state != self._DONE:
+            if self._state == self._DATA or self._state == self._DATA_END:
+                step = min(self._remaining, len(view))
+                self._remaining -= step
+                view = view[step:]
+                if self._remaining == 0:
+                    if self._state == self._DATA:
+                        self._state, self._remaining = self._DATA_END, 2
+                    else:
+                        self._state = self._SIZE
+                continue
+            end = bytes(view[: self._max_line + 2]).find(b"\n")
+            if end < 0:
+                self._line += view
+                view = view[len(view) :]
+                if len(self._line) > self._max_line:
+                    raise _reject(400, "Chunk framing line too long")
+                continue
+            self._line += view[:end]
+            view = view[end + 1 :]
+            self._line_done()
+
+    def _line_done(self) -> None:
+        line = bytes(self._line)
+        self._line.clear()
+        if len(line) > self._max_line or not line.endswith(b"\r"):
+            raise _reject(400, "Malformed chunk framing line")
+        line = line[:-1]
+        if b"\r" in line or b"\0" in line:
+            raise _reject(400, "Bare CR or NUL in chunk framing")
+        if self._state == self._TRAILER:
+            if not line:
+                self._state = self._DONE
+            return
+        size_text = line.split(b";", 1)[0].rstrip(b" \t")
+        if not _CHUNK_SIZE.fullmatch(size_text):
+            raise _reject(400, "Malformed chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            self._state = self._TRAILER
+        else:
+            self._state, self._remaining = self._DATA, size

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .chat import ChatMessage, ChatRequest, ModelInfo, ToolCall, ToolSpec, Usage
+from .codec import check_depth
 from .errors import RequestError
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -48,10 +49,13 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def load_json(body: bytes) -> Any:
-    """Decode a request body, refusing NaN/Infinity and anything that is not JSON."""
+def load_json(body: bytes, max_depth: int = 64) -> Any:
+    """Decode a request body, refusing NaN/Infinity, nesting past ``max_depth`` and
+    anything that is not JSON."""
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        value = json.loads(body, parse_constant=_reject_constant)
+        check_depth(value, max_depth)
+        return value
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         # RecursionError is not a ValueError: deep nesting must still be a 400.
         raise RequestError(
@@ -300,9 +304,11 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
-def parse_chat_request(body: bytes, *, default_model: str | None = None) -> ParsedChatRequest:
+def parse_chat_request(
+    body: bytes, *, default_model: str | None = None, max_depth: int = 64
+) -> ParsedChatRequest:
     """Validate a ``POST /v1/chat/completions`` body (raises :class:`RequestError`)."""
-    data = load_json(body)
+    data = load_json(body, max_depth)
     if not isinstance(data, dict):
         raise _invalid_type("(root)", "an object", data)
 
@@ -336,7 +342,10 @@ def parse_chat_request(body: bytes, *, default_model: str | None = None) -> Pars
         if not isinstance(options, dict):
             raise _invalid_type("stream_options", "an object", options)
         # Accepted (and ignored) without stream: SDKs and agents send it by default (bug B14).
-        include_usage = bool(_boolean(options, "include_usage")) and stream
+        usage_flag = options.get("include_usage")
+        if usage_flag is not None and not isinstance(usage_flag, bool):
+            raise _invalid_type("stream_options.include_usage", "a boolean", usage_flag)
+        include_usage = bool(usage_flag) and stream
 
     n = _integer(data, "n", 1, 128) or 1
     for key, low, high in (

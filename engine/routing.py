@@ -21,6 +21,7 @@ class Endpoint(Enum):
     MODELS = "models"
     MODEL = "model"
     HEALTH = "health"
+    CHAT_WS = "chat_ws"
     PREFLIGHT = "preflight"
 
 
@@ -52,7 +53,9 @@ def route(method: str, target: str, surface: Surface) -> Route:
 
     allowed: str
     found: Route | None = None
-    if bare == "/chat/completions":
+    if path in ("/chat", "/chat/") and surface is Surface.SERVE:
+        allowed, found = "GET", Route(Endpoint.CHAT_WS)
+    elif bare == "/chat/completions":
         allowed, found = "POST", Route(Endpoint.CHAT_COMPLETIONS)
     elif bare == "/models":
         allowed, found = "GET", Route(Endpoint.MODELS)
@@ -62,6 +65,8 @@ def route(method: str, target: str, surface: Surface) -> Route:
         allowed, found = "GET", Route(Endpoint.HEALTH)
     if found is None:
         raise RequestError(f"Invalid URL ({method} {path})", status=404, code="unknown_url")
+    if method == "HEAD" and allowed == "GET":
+        return found  # answered like GET, without the body
     if method != allowed:
         raise RequestError(
             f"Method {method} is not allowed for {path}. Allowed: {allowed}.",

@@ -10,6 +10,7 @@ on its own. A (phase, input) pair not in the table is a bug in the engine:
       │                                           response_started │      │
       │                                                            ▼      │
       └──────────────── response_finished ───────────────── STREAMING ◀───┘
+    WORKING ──upgraded──▶ WEBSOCKET (a 101 was sent; HTTP is over on this connection)
     any phase ──close──▶ CLOSED
 """
 
@@ -26,6 +27,7 @@ class Phase(Enum):
     BODY = "body"  # head accepted; h11 is reading the body
     WORKING = "working"  # request complete; waiting for a provider, nothing sent yet
     STREAMING = "streaming"  # response head sent; body being streamed
+    WEBSOCKET = "websocket"  # upgraded: the bytes belong to a WebSocket session
     CLOSED = "closed"  # no more bytes in or out
 
 
@@ -35,6 +37,7 @@ class Input(Enum):
     BODY_COMPLETE = "body_complete"
     RESPONSE_STARTED = "response_started"
     RESPONSE_FINISHED = "response_finished"
+    UPGRADED = "upgraded"
     CLOSE = "close"
 
 
@@ -47,6 +50,7 @@ TRANSITIONS: dict[tuple[Phase, Input], Phase] = {
     (Phase.WORKING, Input.RESPONSE_STARTED): Phase.STREAMING,
     (Phase.WORKING, Input.RESPONSE_FINISHED): Phase.IDLE,
     (Phase.STREAMING, Input.RESPONSE_FINISHED): Phase.IDLE,
+    (Phase.WORKING, Input.UPGRADED): Phase.WEBSOCKET,
     **{(phase, Input.CLOSE): Phase.CLOSED for phase in Phase},
 }
 

@@ -23,16 +23,20 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, assert_never
 
-from wirechat.engine import (
+from wirechat.engine import ProviderError, ServerConnection
+from wirechat.engine.events import (
     CallProvider,
     CancelProvider,
+    CancelTool,
     CloseTransport,
     ConnectionFailed,
     ListModels,
-    ProviderError,
+    OpenThread,
     RequestCompleted,
-    ServerConnection,
+    RunTool,
+    SaveMessages,
 )
+from wirechat.providers.threads import ThreadAccessError
 
 if TYPE_CHECKING:
     from .server import Server
@@ -109,10 +113,16 @@ class EngineProtocol(asyncio.Protocol):
                     self._start(output.stream_id, self._run_provider(output))
                 case ListModels():
                     self._start(output.stream_id, self._list_models(output))
+                case OpenThread():
+                    self._start(output.op_id, self._open_thread(output))
+                case SaveMessages():
+                    self._start(output.op_id, self._save_messages(output))
+                case RunTool():
+                    self._start(output.op_id, self._run_tool(output))
                 case CancelProvider():
-                    task = self._tasks.pop(output.stream_id, None)
-                    if task is not None:
-                        task.cancel()
+                    self._cancel(output.stream_id)
+                case CancelTool():
+                    self._cancel(output.op_id)
                 case CloseTransport():
                     if output.abort:
                         transport.abort()
@@ -159,8 +169,13 @@ class EngineProtocol(asyncio.Protocol):
 
     # --- work the engine asked for ------------------------------------------------------
 
-    def _start(self, stream_id: int, work: Any) -> None:
-        self._tasks[stream_id] = self._loop.create_task(work)
+    def _start(self, op_id: int, work: Any) -> None:
+        self._tasks[op_id] = self._loop.create_task(work)
+
+    def _cancel(self, op_id: int) -> None:
+        task = self._tasks.pop(op_id, None)
+        if task is not None:
+            task.cancel()
 
     async def _run_provider(self, call: CallProvider) -> None:
         conn, sid = self._conn, call.stream_id
@@ -196,6 +211,47 @@ class EngineProtocol(asyncio.Protocol):
             self._conn.provider_failed(sid, exc, time.time())
         finally:
             self._tasks.pop(sid, None)
+        self._pump()
+
+    async def _open_thread(self, op: OpenThread) -> None:
+        try:
+            history = await self._server.threads.open(op.thread_id, op.user_id, op.append)
+            self._conn.thread_opened(op.op_id, history, time.time())
+        except ThreadAccessError:
+            # Never tell a user that another user's thread exists.
+            self._conn.store_failed(op.op_id, "Thread not found", time.time())
+        except Exception:
+            logger.exception("opening thread %s failed", op.thread_id)
+            self._conn.store_failed(op.op_id, "Could not open the thread", time.time())
+        finally:
+            self._tasks.pop(op.op_id, None)
+        self._pump()
+
+    async def _save_messages(self, op: SaveMessages) -> None:
+        try:
+            await self._server.threads.append(op.thread_id, op.user_id, op.messages)
+            self._conn.messages_saved(op.op_id, time.time())
+        except ThreadAccessError:
+            self._conn.store_failed(op.op_id, "Thread not found", time.time())
+        except Exception:
+            logger.exception("saving to thread %s failed", op.thread_id)
+            self._conn.store_failed(op.op_id, "Could not save the conversation", time.time())
+        finally:
+            self._tasks.pop(op.op_id, None)
+        self._pump()
+
+    async def _run_tool(self, op: RunTool) -> None:
+        try:
+            result = await self._server.tools.run(op.name, op.arguments)
+            self._conn.tool_finished(op.op_id, True, result, None, time.time())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a failing tool is reported to the model, not fatal
+            logger.info("tool %s failed: %s", op.name, exc)
+            error = f"{type(exc).__name__}: {exc}"
+            self._conn.tool_finished(op.op_id, False, None, error, time.time())
+        finally:
+            self._tasks.pop(op.op_id, None)
         self._pump()
 
     async def _drain(self) -> None:

@@ -15,9 +15,12 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from wirechat.engine import EngineConfig
 from wirechat.providers.registry import ProviderRouter
+from wirechat.providers.threads import ThreadStore
+from wirechat.providers.tools import ToolRegistry
 
 from .protocol import EngineProtocol
 
@@ -27,9 +30,19 @@ logger = logging.getLogger("wirechat")
 class Server:
     """One wirechat server: an engine config, the providers, and the sockets it listens on."""
 
-    def __init__(self, config: EngineConfig, providers: ProviderRouter) -> None:
-        self.config = config
+    def __init__(
+        self,
+        config: EngineConfig,
+        providers: ProviderRouter,
+        *,
+        tools: ToolRegistry | None = None,
+        threads: ThreadStore | None = None,
+    ) -> None:
+        self.tools = tools if tools is not None else ToolRegistry()
+        # The engine offers a /chat message exactly the server tools the registry has.
+        self.config = replace(config, server_tools=self.tools.specs())
         self.providers = providers
+        self.threads = threads if threads is not None else ThreadStore(":memory:")
         self.connections: set[EngineProtocol] = set()
         self._servers: list[asyncio.Server] = []
 

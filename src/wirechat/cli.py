@@ -15,8 +15,12 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from wirechat.engine import AuthMode, EngineConfig, StaticKey, Surface
+
+if TYPE_CHECKING:
+    from wirechat.providers.tools import ToolRegistry
 
 _LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--max-head-bytes", "max_head_bytes", int),
@@ -28,6 +32,9 @@ _LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--keepalive-timeout", "keepalive_timeout", float),
     ("--ws-ping-interval", "ws_ping_interval", float),
     ("--ws-ping-timeout", "ws_ping_timeout", float),
+    ("--ws-close-timeout", "ws_close_timeout", float),
+    ("--client-tool-timeout", "client_tool_timeout", float),
+    ("--max-tool-rounds", "max_tool_rounds", int),
     ("--shutdown-grace", "shutdown_grace", float),
     ("--send-timeout", "send_timeout", float),
     ("--provider-first-item-timeout", "provider_first_item_timeout", float),
@@ -51,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
-        "serve": "every endpoint: OpenAI HTTP API and /health",
+        "serve": "every endpoint: OpenAI HTTP API, the /chat WebSocket and /health",
         "chat-server": "the OpenAI endpoints and /health only",
         "worker": "OpenAI endpoints, /health and /ping; binds 0.0.0.0 and requires auth",
     }
@@ -85,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
             "--log-level",
             default=_env("LOG_LEVEL") or "info",
             choices=["debug", "info", "warning", "error"],
+        )
+        sub.add_argument(
+            "--tools",
+            action="append",
+            default=[],
+            metavar="MODULE:ATTR",
+            help="server tools to load (repeatable, or comma-separated; env WIRECHAT_TOOLS);"
+            " calculator and current_time are built in",
+        )
+        sub.add_argument(
+            "--db",
+            help="SQLite file for /chat threads, ':memory:' to keep none (env WIRECHAT_DB;"
+            " default ~/.local/share/wirechat/threads.db)",
         )
         sub.add_argument(
             "--cors-origins",
@@ -137,13 +157,37 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_one(config: EngineConfig, sock: socket.socket, announce: bool) -> None:
+def _run_one(
+    args: argparse.Namespace, config: EngineConfig, sock: socket.socket, announce: bool
+) -> None:
     from wirechat.providers.registry import default_router
+    from wirechat.providers.threads import ThreadStore
     from wirechat.transport.server import Server, install_event_loop_policy, serve
 
     install_event_loop_policy()
-    server = Server(config, default_router())
-    asyncio.run(serve(server, sock=sock, on_ready=lambda _: _announce(sock) if announce else None))
+    threads = ThreadStore(db_path(args))
+    try:
+        server = Server(config, default_router(), tools=load_tools(args), threads=threads)
+        ready = (lambda _: _announce(sock)) if announce else None
+        asyncio.run(serve(server, sock=sock, on_ready=ready))
+    finally:
+        threads.close()
+
+
+def load_tools(args: argparse.Namespace) -> ToolRegistry:
+    from wirechat.providers.tools import default_tools
+
+    tools = default_tools()
+    from_env = _env("WIRECHAT_TOOLS")
+    for spec in [*args.tools, *([from_env] if from_env else [])]:
+        tools.load(spec)
+    return tools
+
+
+def db_path(args: argparse.Namespace) -> str:
+    from wirechat.providers.threads import default_db_path
+
+    return str(args.db or default_db_path())
 
 
 def _announce(sock: socket.socket) -> None:
@@ -152,18 +196,23 @@ def _announce(sock: socket.socket) -> None:
     print(f"wirechat listening on http://{shown}:{port}", flush=True)
 
 
-def _run_workers(config: EngineConfig, sock: socket.socket, workers: int) -> int:
+def _run_workers(
+    args: argparse.Namespace, config: EngineConfig, sock: socket.socket, workers: int
+) -> int:
     """Fork ``workers`` processes that accept from one shared socket; forward signals."""
     children: list[int] = []
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             try:
-                _run_one(config, sock, announce=False)
+                _run_one(args, config, sock, announce=False)
             finally:
                 os._exit(0)
         children.append(pid)
     _announce(sock)
+    # Only the workers accept; once they close their copies at shutdown, nothing may hold
+    # the socket open, or the kernel would go on queueing connections nobody answers.
+    sock.close()
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -198,7 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"wirechat: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
+    try:
+        load_tools(args)  # fail here, with a clear message, rather than in every worker
+    except (ValueError, ImportError) as exc:
+        print(f"wirechat: cannot load tools: {exc}", file=sys.stderr)
+        return 2
     if args.workers > 1 and hasattr(os, "fork"):
-        return _run_workers(config, sock, args.workers)
-    _run_one(config, sock, announce=True)
+        return _run_workers(args, config, sock, args.workers)
+    _run_one(args, config, sock, announce=True)
     return 0

@@ -1,0 +1,61 @@
+"""The ``/chat`` endpoint after the upgrade: WebSocket framing + codec + chat session.
+
+Rules of this module: glue only. Messages from ``WebSocketSession`` are decoded by
+``codec`` (text → JSON, binary → MessagePack) and handed to ``ChatSession``; its frames are
+encoded in the encoding of the client's most recent frame (MessagePack before the client
+has sent any, as NodeTool does) and sent. A frame that fails to decode is answered with an
+``error`` frame; the socket stays open (PROTOCOL.md §4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .chat_session import ChatSession, Frame
+from .codec import Encoding, FrameDecodeError, decode_frame, encode_frame
+from .config import EngineConfig
+from .events import Output
+from .websocket import WebSocketSession
+
+
+class ChatSocket:
+    def __init__(
+        self,
+        config: EngineConfig,
+        now: float,
+        user_id: str,
+        *,
+        emit: Callable[[Output], None],
+        new_id: Callable[[], int],
+    ) -> None:
+        self.config = config
+        self.ws = WebSocketSession(config, now)
+        self._encoding: Encoding = "msgpack"
+        self.session = ChatSession(config, user_id, send=self._send_frame, emit=emit, new_id=new_id)
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        for message in self.ws.receive_data(data, now):
+            self._encoding = "json" if isinstance(message, str) else "msgpack"
+            try:
+                frame = decode_frame(message, max_depth=self.config.max_depth)
+            except FrameDecodeError as exc:
+                self._send_frame({"type": "error", "message": str(exc)})
+                continue
+            self.session.handle_frame(frame, now)
+            if not self.ws.open:
+                break
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self.ws.next_deadline(), self.session.next_deadline()) if t]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self.ws.handle_timer(now)
+        self.session.handle_timer(now)
+
+    def close(self, code: int, reason: str, now: float) -> None:
+        self.session.close()
+        self.ws.close(code, reason, now)
+
+    def _send_frame(self, frame: Frame) -> None:
+        self.ws.send_message(encode_frame(frame, self._encoding))

@@ -1,0 +1,93 @@
+"""JSON and MessagePack frames for the NodeTool WebSockets, decoded under limits.
+
+Rules of this module:
+
+* A text frame is JSON, a binary frame MessagePack (PROTOCOL.md §4). Both decode to plain
+  dicts, lists, strings, numbers, booleans, ``None`` (and ``bytes`` for MessagePack ``bin``).
+  Anything else (MessagePack extension types, timestamps, non-string map keys, NaN or
+  Infinity in JSON, trailing data) is refused.
+* Nesting is refused past ``max_depth`` *before* a deep structure can exhaust the stack:
+  MessagePack's own parser stops at 1024 levels, and JSON's at the recursion limit; both
+  errors are caught here.
+* Failures raise :class:`FrameDecodeError`, answered with an ``error`` frame by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import msgpack  # type: ignore[import-untyped]
+
+Encoding = Literal["json", "msgpack"]
+
+
+class FrameDecodeError(ValueError):
+    """A frame that is not a well-formed JSON or MessagePack object within the limits."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"MessagePack extension type {code} is not accepted")
+
+
+def check_depth(value: Any, max_depth: int) -> None:
+    """Iterative walk (no recursion of our own) over containers, refusing odd types."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        elif item is None or isinstance(item, str | int | float | bytes):
+            continue
+        else:
+            raise FrameDecodeError(f"unsupported value of type {type(item).__name__}")
+        if depth > max_depth:
+            raise FrameDecodeError(f"nesting deeper than {max_depth} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def decode_frame(data: str | bytes, *, max_depth: int) -> dict[str, Any]:
+    """Decode one WebSocket message (text: JSON, bytes: MessagePack) into an object."""
+    try:
+        if isinstance(data, str):
+            value = json.loads(data, parse_constant=_refuse_constant)
+        else:
+            value = msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=True,
+                ext_hook=_refuse_ext,
+                timestamp=0,
+                use_list=True,
+            )
+    except (ValueError, RecursionError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError, TypeError) as exc:  # fmt: skip
+        raise FrameDecodeError(f"could not decode frame: {exc}") from None
+    if not isinstance(value, dict):
+        raise FrameDecodeError("a frame must be an object")
+    check_depth(value, max_depth)
+    return value
+
+
+def encode_frame(payload: dict[str, Any], encoding: Encoding) -> str | bytes:
+    """Encode a server frame as JSON text or MessagePack bytes."""
+    if encoding == "json":
+        return json.dumps(payload, separators=(",", ":"), default=_json_fallback)
+    return msgpack.packb(payload, use_bin_type=True, default=_msgpack_fallback)  # type: ignore[no-any-return]
+
+
+def _json_fallback(value: Any) -> Any:
+    # Bytes from a MessagePack client cannot be JSON: say so instead of dropping the frame.
+    if isinstance(value, bytes | bytearray):
+        return {"type": "bytes", "length": len(value)}
+    return str(value)
+
+
+def _msgpack_fallback(value: Any) -> Any:
+    return str(value)
