@@ -79,7 +79,10 @@ def encode_frame(payload: dict[str, Any], encoding: Encoding) -> str | bytes:
     """Encode a server frame as JSON text or MessagePack bytes."""
     if encoding == "json":
         return json.dumps(payload, separators=(",", ":"), default=_json_fallback)
-    return msgpack.packb(payload, use_bin_type=True, default=_msgpack_fallback)  # type: ignore[no-any-return]
+    # A lone surrogate from a JSON client cannot be UTF-8: replace it rather than fail.
+    return msgpack.packb(  # type: ignore[no-any-return]
+        payload, use_bin_type=True, default=_msgpack_fallback, unicode_errors="replace"
+    )
 
 
 def _json_fallback(value: Any) -> Any:

@@ -37,6 +37,7 @@ class WebSocketSession:
         self._out = bytearray()
         self._parts: list[str | bytes] = []
         self._size = 0
+        self._frames = 0  # frames of the message being reassembled
         self._ping_at: float | None = now + config.ws_ping_interval
         self._pong_by: float | None = None
         self._close_by: float | None = None
@@ -69,6 +70,8 @@ class WebSocketSession:
         messages: list[str | bytes] = []
         for event in self._ws.events():
             if isinstance(event, TextMessage | BytesMessage):
+                if self._close_by is not None:
+                    continue  # after our Close, messages are read but no longer delivered
                 done = self._collect(event)
                 if done is not None:
                     messages.append(done)
@@ -80,9 +83,13 @@ class WebSocketSession:
                 self._ping_at = now + self.config.ws_ping_interval
             elif isinstance(event, CloseConnection):
                 self._on_close(event)
-            if self.transport_done or self._close_by is not None:
+            if self._finished():
                 break
         return messages
+
+    def _finished(self) -> bool:
+        # A method, not the attribute: handlers above change it behind mypy's narrowing.
+        return self.transport_done
 
     def receive_eof(self) -> None:
         self.transport_done = True
@@ -124,7 +131,10 @@ class WebSocketSession:
         data: str | bytes = event.data if isinstance(event.data, str) else bytes(event.data)
         size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
         self._size += size
-        if self._size > self.config.max_ws_message_bytes or len(self._parts) >= _MAX_FRAGMENTS:
+        # wsproto yields a frame's payload in as many pieces as it arrived in reads: count
+        # whole frames, so a legal message read in many small pieces is not refused.
+        self._frames += event.frame_finished
+        if self._size > self.config.max_ws_message_bytes or self._frames > _MAX_FRAGMENTS:
             self._reset()
             self._fail(1009, "message too big")
             return None
@@ -132,10 +142,10 @@ class WebSocketSession:
             self._parts.append(data)
             return None
         if not self._parts:
-            self._size = 0
+            self._reset()
             return data
-        parts, self._parts = [*self._parts, data], []
-        self._size = 0
+        parts = [*self._parts, data]
+        self._reset()
         if isinstance(data, str):
             return "".join(p for p in parts if isinstance(p, str))
         return b"".join(p for p in parts if isinstance(p, bytes))
@@ -143,6 +153,7 @@ class WebSocketSession:
     def _reset(self) -> None:
         self._parts = []
         self._size = 0
+        self._frames = 0
 
     def _on_close(self, event: CloseConnection) -> None:
         if self._ws.state is ConnectionState.REMOTE_CLOSING:

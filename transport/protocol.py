@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any, assert_never
 
@@ -93,9 +94,11 @@ class EngineProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        self._sync_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._sync_reading()
 
     # --- the pump -----------------------------------------------------------------------
 
@@ -127,7 +130,9 @@ class EngineProtocol(asyncio.Protocol):
                     if output.abort:
                         transport.abort()
                     else:
-                        transport.close()  # flushes what was written first
+                        transport.close()  # flushes what was written first...
+                        # ...unless the peer never reads it: then drop it after a while.
+                        self._loop.call_later(self._server.config.send_timeout, transport.abort)
                 case RequestCompleted():
                     self._log_request(output)
                 case ConnectionFailed():
@@ -135,9 +140,19 @@ class EngineProtocol(asyncio.Protocol):
                 case _:
                     assert_never(output)
         self._arm_timer(self._conn.next_deadline())
-        if self._reading == self._conn.reading_paused and not transport.is_closing():
-            self._reading = not self._reading
-            if self._reading:
+        self._sync_reading()
+
+    def _sync_reading(self) -> None:
+        """Read only while the engine wants bytes and the peer reads what we write: a
+        client that floods requests (or pings) without reading the answers stops being
+        read, so our write buffer cannot grow without bound."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        want = self._writable.is_set() and not self._conn.reading_paused
+        if want != self._reading:
+            self._reading = want
+            if want:
                 transport.resume_reading()
             else:
                 transport.pause_reading()
@@ -166,6 +181,18 @@ class EngineProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def _reset(self) -> None:
+        """Drop the connection with a reset, discarding what the kernel still buffers for a
+        peer that does not read (a plain close would trickle it out for minutes)."""
+        transport = self._transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     # --- work the engine asked for ------------------------------------------------------
 
@@ -261,7 +288,7 @@ class EngineProtocol(asyncio.Protocol):
             await asyncio.wait_for(self._writable.wait(), self._server.config.send_timeout)
         except TimeoutError:
             logger.info("dropping a client that stopped reading")
-            self.abort()
+            self._reset()
             raise ConnectionError("client stopped reading") from None
         if self._transport is None or self._transport.is_closing():
             raise ConnectionError("connection closed")
