@@ -54,8 +54,9 @@ class RequestError(Exception):
 def request_error_for(error: ProviderError) -> RequestError:
     """How a provider failure before the first byte of a response reaches the client.
 
-    429 and 503 pass through with ``Retry-After``; other upstream 4xx pass through; upstream
-    5xx and connection failures become 502, timeouts 504 (PROTOCOL.md §2).
+    429 and 503 pass through with ``Retry-After``; other upstream 4xx pass through, except
+    401/403 (the upstream refusing the gateway's own key), which become 502 like upstream
+    5xx and connection failures; timeouts become 504 (PROTOCOL.md §2).
     """
     status = error.status
     headers: list[tuple[str, str]] = []
@@ -63,6 +64,10 @@ def request_error_for(error: ProviderError) -> RequestError:
         client_status = status
     elif status == 504:
         client_status = 504
+    elif status in (401, 403):
+        # The upstream refused *our* credentials: passing 401 on would tell the client that
+        # its own key is wrong. It is the gateway that failed.
+        client_status = 502
     elif 400 <= status < 500:
         client_status = status
     else:
@@ -70,6 +75,12 @@ def request_error_for(error: ProviderError) -> RequestError:
     if error.retry_after is not None and client_status in (429, 503):
         headers.append(("retry-after", _retry_after_text(error.retry_after)))
         headers.append(("retry-after-ms", str(int(error.retry_after * 1000))))
+    # openai clients obey x-should-retry over their own rules (reference §6.2): say "no"
+    # where a retry cannot help (a spent quota, our own failure), "yes" for upstream trouble.
+    if error.code in ("insufficient_quota", "internal_error"):
+        headers.append(("x-should-retry", "false"))
+    elif client_status in (502, 503, 504):
+        headers.append(("x-should-retry", "true"))
     default_type = {
         429: "rate_limit_error",
         503: "service_unavailable",

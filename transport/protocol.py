@@ -223,7 +223,8 @@ class EngineProtocol(asyncio.Protocol):
             return
         except Exception:
             logger.exception("provider failed on %s", call.request.model)
-            conn.provider_failed(sid, ProviderError("The model failed", status=500), time.time())
+            failure = ProviderError("The model failed", status=500, code="internal_error")
+            conn.provider_failed(sid, failure, time.time())
         finally:
             if self._tasks.get(sid) is asyncio.current_task():
                 del self._tasks[sid]

@@ -88,6 +88,7 @@ class Server:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        await self.providers.aclose()
 
     async def __aenter__(self) -> Server:
         return self

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from wirechat.engine import AuthMode, EngineConfig, StaticKey, Surface
 
 if TYPE_CHECKING:
+    from wirechat.providers.config import RouterSettings
     from wirechat.providers.tools import ToolRegistry
 
 _LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
@@ -102,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
             " calculator and current_time are built in",
         )
         sub.add_argument(
+            "--config",
+            metavar="FILE",
+            help="TOML file of providers, model routes and fallbacks (env WIRECHAT_CONFIG)",
+        )
+        sub.add_argument("--record", metavar="DIR", help="record every upstream exchange")
+        sub.add_argument(
+            "--replay", metavar="DIR", help="serve the recordings in DIR as provider 'replay'"
+        )
+        sub.add_argument(
+            "--replay-timing", action="store_true", help="replay with the recorded timing"
+        )
+        sub.add_argument(
             "--db",
             help="SQLite file for /chat threads, ':memory:' to keep none (env WIRECHAT_DB;"
             " default ~/.local/share/wirechat/threads.db)",
@@ -132,9 +145,6 @@ def build_config(args: argparse.Namespace) -> EngineConfig:
             "wirechat worker refuses to start without auth: set WORKER_AUTH_TOKEN and"
             " --auth-provider static, or pass --auth-provider none explicitly"
         )
-    provider = args.provider or _env("CHAT_PROVIDER")
-    if provider not in (None, "wirechat", "echo"):
-        raise UsageError(f"unknown provider {provider!r}: this version has only 'wirechat'")
     limits = {field: getattr(args, field) for _, field, _ in _LIMIT_FLAGS}
     cors = args.cors_origins or _env("CORS_ORIGINS") or ""
     return EngineConfig(
@@ -160,14 +170,15 @@ def _listen(host: str, port: int) -> socket.socket:
 def _run_one(
     args: argparse.Namespace, config: EngineConfig, sock: socket.socket, announce: bool
 ) -> None:
-    from wirechat.providers.registry import default_router
+    from wirechat.providers.config import build_router
     from wirechat.providers.threads import ThreadStore
     from wirechat.transport.server import Server, install_event_loop_policy, serve
 
     install_event_loop_policy()
     threads = ThreadStore(db_path(args))
     try:
-        server = Server(config, default_router(), tools=load_tools(args), threads=threads)
+        router = build_router(router_settings(args))
+        server = Server(config, router, tools=load_tools(args), threads=threads)
         ready = (lambda _: _announce(sock)) if announce else None
         asyncio.run(serve(server, sock=sock, on_ready=ready))
     finally:
@@ -182,6 +193,18 @@ def load_tools(args: argparse.Namespace) -> ToolRegistry:
     for spec in [*args.tools, *([from_env] if from_env else [])]:
         tools.load(spec)
     return tools
+
+
+def router_settings(args: argparse.Namespace) -> RouterSettings:
+    from wirechat.providers.config import load_settings
+
+    return load_settings(
+        args.config or _env("WIRECHAT_CONFIG"),
+        default=args.provider or _env("CHAT_PROVIDER"),
+        record_dir=args.record,
+        replay_dir=args.replay,
+        replay_timing=args.replay_timing,
+    )
 
 
 def db_path(args: argparse.Namespace) -> str:
@@ -251,6 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_tools(args)  # fail here, with a clear message, rather than in every worker
     except (ValueError, ImportError) as exc:
         print(f"wirechat: cannot load tools: {exc}", file=sys.stderr)
+        return 2
+    try:
+        router_settings(args)
+    except ValueError as exc:  # ConfigError: a bad --config, --provider or environment
+        print(f"wirechat: {exc}", file=sys.stderr)
         return 2
     if args.workers > 1 and hasattr(os, "fork"):
         return _run_workers(args, config, sock, args.workers)
