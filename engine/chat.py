@@ -135,6 +135,16 @@ class ModelInfo:
     created: int = 0
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkflowSpec:
+    """A registered workflow as the engine knows it: data only (the runner lives in providers)."""
+
+    id: str
+    name: str = ""
+    description: str = ""
+    inputs: tuple[str, ...] = ()
+
+
 class ProviderError(Exception):
     """A provider call failed; raised by providers, reported to the engine.
 

@@ -34,15 +34,18 @@ from .chat import (
     ToolCall,
     ToolSpec,
 )
+from .codec import Encoding
 from .config import EngineConfig
 from .events import (
     CallProvider,
+    CancelJob,
     CancelProvider,
     CancelTool,
     OpenThread,
     Output,
     RunTool,
     SaveMessages,
+    StartJob,
 )
 
 Frame = dict[str, Any]
@@ -54,6 +57,7 @@ class Step(Enum):
     SERVER_TOOL = "server_tool"  # a server tool is running
     CLIENT_TOOL = "client_tool"  # waiting for the client's tool_result
     SAVING = "saving"  # waiting for the turn's messages to be durable
+    WORKFLOW = "workflow"  # a workflow job runs; its events are forwarded
 
 
 @dataclass(slots=True)
@@ -73,9 +77,13 @@ class _Turn:
     current_call: ToolCall | None = None
     rounds: int = 0
     deadline: float | None = None
+    workflow_id: str | None = None
+    job_id: str | None = None
 
 
 class ChatSession:
+    fixed_encoding: Encoding | None = None  # /chat always mirrors the client's last frame
+
     def __init__(
         self,
         config: EngineConfig,
@@ -141,6 +149,8 @@ class ChatSession:
             self._emit(CancelProvider(stream_id=turn.op_id))
         elif turn.step is Step.SERVER_TOOL:
             self._emit(CancelTool(op_id=turn.op_id))
+        elif turn.step is Step.WORKFLOW and turn.job_id is not None:
+            self._emit(CancelJob(job_id=turn.job_id, user_id=self.user_id))
 
     def _set_manifest(self, tools: Any) -> None:
         if not isinstance(tools, list):
@@ -162,8 +172,12 @@ class ChatSession:
     def _start_turn(self, frame: Frame, now: float) -> None:
         if self._turn is not None:
             self.stop()  # supersession: the old turn ends like a stop (PROTOCOL.md §4)
-        if frame.get("workflow_id"):
-            self._send({"type": "error", "message": "Workflows are not available on this server"})
+        workflow_id = frame.get("workflow_id")
+        if workflow_id is not None and (
+            not isinstance(workflow_id, str)
+            or workflow_id not in {w.id for w in self.config.workflows}
+        ):
+            self._send({"type": "error", "message": f"Workflow {workflow_id} not found"})
             return
         message = _user_message(frame)
         if message is None:
@@ -184,6 +198,7 @@ class ChatSession:
             model=model if isinstance(model, str) and model else self.config.default_model,
             provider=provider if isinstance(provider, str) and provider else None,
             tools=tuple(self._server_tools[name] for name in tools),
+            workflow_id=workflow_id,
         )
         self._turn = turn
         turn.op_id = self._new_id()
@@ -197,26 +212,62 @@ class ChatSession:
 
     def thread_opened(self, op_id: int, history: Sequence[ChatMessage], now: float) -> None:
         turn = self._waiting(op_id, Step.OPENING)
-        if turn is not None:
-            turn.history = list(history)
+        if turn is None:
+            return
+        turn.history = list(history)
+        if turn.workflow_id is None:
             self._call_model(turn, now)
+            return
+        # The chat becomes the workflow's inputs (PROTOCOL.md §4; NodeTool's chat-mode runs).
+        turn.step = Step.WORKFLOW
+        turn.job_id = secrets.token_hex(16)
+        last = turn.history[-1] if turn.history else None
+        params = {
+            "message": last.text if last is not None else "",
+            "messages": [_message_dict(m) for m in turn.history],
+        }
+        self._emit(
+            StartJob(
+                job_id=turn.job_id,
+                workflow_id=turn.workflow_id,
+                params=params,
+                user_id=self.user_id,
+            )
+        )
+
+    def job_event(self, job_id: str, event: Frame, now: float) -> None:
+        """An event of the running turn's workflow job: forwarded; its end ends the turn."""
+        turn = self._turn
+        if turn is None or turn.step is not Step.WORKFLOW or turn.job_id != job_id:
+            return
+        self._send({**event, "thread_id": turn.thread_id})
+        if event.get("type") == "job_update" and event.get("status") in (
+            "completed",
+            "failed",
+            "cancelled",
+        ):
+            result = event.get("result")
+            turn.text = [_outputs_text(result if isinstance(result, dict) else {})]
+            self._finish_turn(turn)
 
     def messages_saved(self, op_id: int, now: float) -> None:
         turn = self._waiting(op_id, Step.SAVING)
         if turn is None:
             return
         self._turn = None
-        self._send(
-            {
-                "type": "message",
-                "role": "assistant",
-                "content": "".join(turn.text),
-                "thread_id": turn.thread_id,
-                "model": turn.model,
-                "provider": turn.provider,
-                "agent_mode": False,
-            }
-        )
+        final: Frame = {
+            "type": "message",
+            "role": "assistant",
+            "content": "".join(turn.text),
+            "thread_id": turn.thread_id,
+            "model": turn.model,
+            "provider": turn.provider,
+            "agent_mode": False,
+        }
+        if turn.workflow_id is not None:
+            final["workflow_id"] = turn.workflow_id
+            final["workflow_assistant"] = True
+        self._send(final)
 
     def store_failed(self, op_id: int, message: str, now: float) -> None:
         turn = self._turn
@@ -476,3 +527,28 @@ def _arguments(call: ToolCall) -> dict[str, Any]:
 
 def _json_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A stored message as plain data for a workflow's ``messages`` input."""
+    return {
+        "role": message.role,
+        "content": message.content,
+        "name": message.name,
+        "tool_call_id": message.tool_call_id,
+        "tool_calls": [
+            {"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls
+        ],
+    }
+
+
+def _outputs_text(result: dict[str, Any]) -> str:
+    """The final assistant text of a workflow turn: the last value of each output."""
+    parts = []
+    for values in result.values():
+        value = values[-1] if isinstance(values, list) and values else values
+        if isinstance(value, list):
+            parts.append(" ".join(str(v) for v in value))
+        elif value is not None and value != []:
+            parts.append(value if isinstance(value, str) else _json_text(value))
+    return "\n".join(parts)

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .chat import ToolSpec
+from .chat import ToolSpec, WorkflowSpec
 
 
 class AuthMode(StrEnum):
@@ -100,6 +100,8 @@ class EngineConfig:
     # The server-side tools (name, description, JSON schema) a /chat message may enable;
     # the transport fills it from the tool registry. Data only: the engine never runs them.
     server_tools: tuple[ToolSpec, ...] = ()
+    # The workflows /predict, /chat (workflow_id) and /workflows may run; filled likewise.
+    workflows: tuple[WorkflowSpec, ...] = ()
     server_name: str = "wirechat"
 
     def __post_init__(self) -> None:

@@ -25,32 +25,42 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
+from typing import Any
 
 import h11
 
 from . import openai, sse
+from .app_socket import AppSocket
 from .auth import LOCAL_USER, authenticate, bearer_token, query_token
 from .chat import ChatMessage, ModelInfo, ProviderError, ProviderItem
-from .chat_socket import ChatSocket
+from .chat_session import ChatSession
 from .completion import CompletionRun
 from .config import EngineConfig
 from .errors import RemoteProtocolError, RequestError, request_error_for
 from .events import (
     CallProvider,
+    CancelJob,
     CancelProvider,
     CloseTransport,
     ConnectionFailed,
     ListModels,
     Output,
     RequestCompleted,
+    StartJob,
 )
 from .http_head import ChunkedBodyCheck, check_request_head
+from .predict_session import PredictSession
 from .routing import Endpoint, Route, route, split_target
 from .state import Input, Phase, next_phase
 from .ws_handshake import accept_token, handshake_key
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _EXPOSED_HEADERS = "x-request-id, openai-processing-ms, openai-version, retry-after, retry-after-ms"
+
+
+# Endpoints whose request body we read (every other body is counted and dropped).
+_BODY_ENDPOINTS = (Endpoint.CHAT_COMPLETIONS, Endpoint.WORKFLOW_RUN, Endpoint.WORKFLOW_STREAM)
+_JOB_DONE = ("completed", "failed", "cancelled")
 
 
 def new_id(prefix: str) -> str:
@@ -76,6 +86,8 @@ class _Exchange:
     body_size: int = 0  # counted for every route: the limit holds even for a body we drop
     stream_id: int | None = None
     run: CompletionRun | None = None
+    job_id: str | None = None  # a workflow run over HTTP
+    job_result: dict[str, object] | None = None
     status: int = 0
 
 
@@ -89,7 +101,7 @@ class ServerConnection:
         self._h11: h11.Connection | None = None
         self._ex: _Exchange | None = None
         self._next_stream_id = 1
-        self._socket: ChatSocket | None = None  # after a /chat upgrade
+        self._socket: AppSocket | None = None  # after a /chat or /predict upgrade
         self._chunk_check: ChunkedBodyCheck | None = None
         # A new connection must send a head within the head timeout, like one kept alive.
         self._deadline: float | None = now + config.head_timeout
@@ -171,7 +183,8 @@ class ServerConnection:
     def provider_chunk(self, stream_id: int, item: ProviderItem, now: float) -> None:
         """One item of the provider stream ``stream_id`` (ignored if that call is over)."""
         if self._socket is not None:
-            self._socket.session.provider_chunk(stream_id, item, now)
+            if isinstance(self._socket.session, ChatSession):
+                self._socket.session.provider_chunk(stream_id, item, now)
             self._flush_socket(now)
             return
         ex = self._active(stream_id)
@@ -185,7 +198,8 @@ class ServerConnection:
     def provider_done(self, stream_id: int, now: float) -> None:
         """The provider stream ``stream_id`` ended normally."""
         if self._socket is not None:
-            self._socket.session.provider_done(stream_id, now)
+            if isinstance(self._socket.session, ChatSession):
+                self._socket.session.provider_done(stream_id, now)
             self._flush_socket(now)
             return
         ex = self._active(stream_id)
@@ -210,7 +224,8 @@ class ServerConnection:
     def provider_failed(self, stream_id: int, error: ProviderError, now: float) -> None:
         """The provider call (or model listing) ``stream_id`` failed with ``error``."""
         if self._socket is not None:
-            self._socket.session.provider_failed(stream_id, error, now)
+            if isinstance(self._socket.session, ChatSession):
+                self._socket.session.provider_failed(stream_id, error, now)
             self._flush_socket(now)
             return
         ex = self._active(stream_id)
@@ -245,19 +260,22 @@ class ServerConnection:
     def thread_opened(self, op_id: int, history: Sequence[ChatMessage], now: float) -> None:
         """The answer to ``OpenThread(op_id)``: the thread's messages, oldest first."""
         if self._socket is not None:
-            self._socket.session.thread_opened(op_id, history, now)
+            if isinstance(self._socket.session, ChatSession):
+                self._socket.session.thread_opened(op_id, history, now)
             self._flush_socket(now)
 
     def messages_saved(self, op_id: int, now: float) -> None:
         """The answer to ``SaveMessages(op_id)``: the messages are durable."""
         if self._socket is not None:
-            self._socket.session.messages_saved(op_id, now)
+            if isinstance(self._socket.session, ChatSession):
+                self._socket.session.messages_saved(op_id, now)
             self._flush_socket(now)
 
     def store_failed(self, op_id: int, message: str, now: float) -> None:
         """``OpenThread`` or ``SaveMessages`` ``op_id`` failed; ``message`` is for the user."""
         if self._socket is not None:
-            self._socket.session.store_failed(op_id, message, now)
+            if isinstance(self._socket.session, ChatSession):
+                self._socket.session.store_failed(op_id, message, now)
             self._flush_socket(now)
 
     def tool_finished(
@@ -265,7 +283,55 @@ class ServerConnection:
     ) -> None:
         """The answer to ``RunTool(op_id)``: its JSON-able result, or an error text."""
         if self._socket is not None:
-            self._socket.session.tool_finished(op_id, ok, result, error, now)
+            if isinstance(self._socket.session, ChatSession):
+                self._socket.session.tool_finished(op_id, ok, result, error, now)
+            self._flush_socket(now)
+
+    def job_event(self, job_id: str, event: dict[str, Any], now: float) -> None:
+        """One event of job ``job_id`` (started here, or followed after ``reconnect_job``)."""
+        if self._socket is not None:
+            self._socket.session.job_event(job_id, event, now)
+            self._flush_socket(now)
+            return
+        ex = self._ex
+        if ex is None or ex.job_id != job_id or self._phase is Phase.CLOSED:
+            return
+        done = event.get("type") == "job_update" and event.get("status") in _JOB_DONE
+        if ex.route is not None and ex.route.endpoint is Endpoint.WORKFLOW_STREAM:
+            self._stream(ex, sse.event(event), now)
+            if done:
+                final = (
+                    {"type": "complete", "job_id": job_id, "results": event.get("result") or {}}
+                    if event.get("status") == "completed"
+                    else {
+                        "type": "error",
+                        "job_id": job_id,
+                        "error": event.get("error") or event.get("status"),
+                    }
+                )
+                ex.job_id = None
+                self._stream(ex, sse.event(final) + sse.DONE, now)
+                self._end_stream(ex, now)
+        elif done:
+            ex.job_id = None
+            status = event.get("status")
+            if status == "completed":
+                body = {"job_id": job_id, "status": status, "results": event.get("result") or {}}
+                self._respond(ex, 200, sse.dumps(body), now)
+            else:
+                error = RequestError(
+                    str(event.get("error") or f"The workflow was {status}"),
+                    status=500 if status == "failed" else 409,
+                    type="workflow_error",
+                    code=str(status),
+                )
+                self._respond_error(ex, error, now)
+        self._advance(now)
+
+    def job_command_done(self, op_id: int, value: object, now: float) -> None:
+        """The answer to ``JobCommand(op_id)``."""
+        if self._socket is not None and isinstance(self._socket.session, PredictSession):
+            self._socket.session.job_command_done(op_id, value)
             self._flush_socket(now)
 
     # --- inputs from the clock and the server ----------------------------------------
@@ -403,7 +469,7 @@ class ServerConnection:
                     headers=(("retry-after", "1"),),
                 )
             token = bearer_token(headers.get(b"authorization"))
-            if ex.route.endpoint is Endpoint.CHAT_WS:
+            if ex.route.endpoint in (Endpoint.CHAT_WS, Endpoint.PREDICT_WS):
                 ex.ws_key = handshake_key(headers)
                 # NodeTool accepts the handshake, then closes 1008 (PROTOCOL.md §3).
                 result = authenticate(token or query_token(split_target(ex.target)[1]), self.config)
@@ -433,11 +499,7 @@ class ServerConnection:
         ex.body_size += len(data)
         if ex.body_size > self.config.max_body_bytes:
             raise RemoteProtocolError("Request body too large", status=413)
-        if (
-            ex.error is None
-            and ex.route is not None
-            and ex.route.endpoint is Endpoint.CHAT_COMPLETIONS
-        ):
+        if ex.error is None and ex.route is not None and ex.route.endpoint in _BODY_ENDPOINTS:
             ex.body += data
 
     # --- dispatch and responses ---------------------------------------------------------
@@ -454,8 +516,16 @@ class ServerConnection:
             self._respond(ex, 200, sse.dumps({"status": "healthy", "timestamp": stamp}), now)
         elif endpoint is Endpoint.PREFLIGHT:
             self._respond(ex, 204, b"", now)
-        elif endpoint is Endpoint.CHAT_WS:
+        elif endpoint in (Endpoint.CHAT_WS, Endpoint.PREDICT_WS):
             self._upgrade(ex, now)
+        elif endpoint is Endpoint.WORKFLOWS:
+            listing = [
+                {"id": w.id, "name": w.name, "description": w.description, "inputs": list(w.inputs)}
+                for w in self.config.workflows
+            ]
+            self._respond(ex, 200, sse.dumps({"workflows": listing}), now)
+        elif endpoint in (Endpoint.WORKFLOW_RUN, Endpoint.WORKFLOW_STREAM):
+            self._start_workflow(ex, now)
         elif endpoint in (Endpoint.MODELS, Endpoint.MODEL):
             ex.stream_id = self._new_stream_id()
             self._outputs.append(
@@ -471,6 +541,38 @@ class ServerConnection:
             ex.body = bytearray()
             ex.run = CompletionRun(parsed, completion_id=new_id("chatcmpl-"), created=int(now))
             self._call_provider(ex, now)
+
+    def _start_workflow(self, ex: _Exchange, now: float) -> None:
+        assert ex.route is not None
+        workflow_id = ex.route.model_id
+        if workflow_id not in {w.id for w in self.config.workflows}:
+            self._respond_error(
+                ex,
+                RequestError(
+                    f"Workflow {workflow_id} not found", status=404, code="workflow_not_found"
+                ),
+                now,
+            )
+            return
+        try:
+            params = openai.load_json(bytes(ex.body), self.config.max_depth) if ex.body else {}
+        except RequestError as exc:
+            self._respond_error(ex, exc, now)
+            return
+        if not isinstance(params, dict):
+            self._respond_error(ex, RequestError("The body must be a JSON object of inputs"), now)
+            return
+        ex.body = bytearray()
+        ex.job_id = secrets.token_hex(16)
+        self._deadline = None  # a workflow takes what it takes; the client may hang up
+        self._outputs.append(
+            StartJob(
+                job_id=ex.job_id,
+                workflow_id=workflow_id,
+                params=params,
+                user_id=ex.user_id or LOCAL_USER,
+            )
+        )
 
     def _call_provider(self, ex: _Exchange, now: float) -> None:
         assert ex.run is not None
@@ -645,10 +747,11 @@ class ServerConnection:
         self._h11 = None
         self._ex = None
         self._set_phase(Input.UPGRADED)
-        socket = ChatSocket(
+        socket = AppSocket(
             self.config,
             now,
             ex.user_id or "",
+            predict=ex.route is not None and ex.route.endpoint is Endpoint.PREDICT_WS,
             emit=self._outputs.append,
             new_id=self._new_stream_id,
         )
@@ -689,6 +792,10 @@ class ServerConnection:
         if ex is not None and ex.stream_id is not None:
             self._outputs.append(CancelProvider(stream_id=ex.stream_id))
             ex.stream_id = None
+        if ex is not None and ex.job_id is not None:
+            # A workflow run over HTTP belongs to its request (unlike a /predict job).
+            self._outputs.append(CancelJob(job_id=ex.job_id, user_id=ex.user_id or LOCAL_USER))
+            ex.job_id = None
 
     def _close(self) -> None:
         if self._phase is Phase.CLOSED:

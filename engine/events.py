@@ -85,6 +85,38 @@ class CancelTool:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StartJob:
+    """Start workflow ``workflow_id`` as job ``job_id`` (it outlives this connection) and feed
+    its events to ``job_event`` on this connection, from the first one."""
+
+    job_id: str
+    workflow_id: str
+    params: dict[str, Any]
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobCommand:
+    """Ask the job runner ``command`` (``cancel_job``, ``get_status``, ``reconnect_job``,
+    ``stream_input``, ``end_input_stream``) about ``data``; answer with
+    ``job_command_done(op_id, value)``. ``reconnect_job`` also feeds the job's later events
+    to ``job_event`` on this connection, after the snapshot it answers with."""
+
+    op_id: int
+    command: str
+    data: dict[str, Any]
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelJob:
+    """Cancel job ``job_id`` (its client went away or stopped it); no answer."""
+
+    job_id: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CloseTransport:
     """Close the socket once ``data_to_send()`` has been written (``abort``: drop it now,
     without flushing, so the peer sees a truncated response)."""
@@ -121,6 +153,9 @@ Effect = (
     | SaveMessages
     | RunTool
     | CancelTool
+    | StartJob
+    | JobCommand
+    | CancelJob
     | CloseTransport
 )
 Notice = RequestCompleted | ConnectionFailed

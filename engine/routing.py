@@ -22,13 +22,17 @@ class Endpoint(Enum):
     MODEL = "model"
     HEALTH = "health"
     CHAT_WS = "chat_ws"
+    PREDICT_WS = "predict_ws"
+    WORKFLOWS = "workflows"
+    WORKFLOW_RUN = "workflow_run"
+    WORKFLOW_STREAM = "workflow_stream"
     PREFLIGHT = "preflight"
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     endpoint: Endpoint
-    model_id: str = ""
+    model_id: str = ""  # /v1/models/{id}; the workflow id for /workflows/{id}/run
 
     @property
     def public(self) -> bool:
@@ -53,8 +57,18 @@ def route(method: str, target: str, surface: Surface) -> Route:
 
     allowed: str
     found: Route | None = None
+    workflows = surface is not Surface.CHAT_SERVER
+    parts = path.strip("/").split("/")
     if path in ("/chat", "/chat/") and surface is Surface.SERVE:
         allowed, found = "GET", Route(Endpoint.CHAT_WS)
+    elif path in ("/predict", "/predict/") and workflows:
+        allowed, found = "GET", Route(Endpoint.PREDICT_WS)
+    elif parts == ["workflows"] and workflows:
+        allowed, found = "GET", Route(Endpoint.WORKFLOWS)
+    elif len(parts) == 3 and parts[0] == "workflows" and parts[2] == "run" and workflows:
+        allowed, found = "POST", Route(Endpoint.WORKFLOW_RUN, unquote(parts[1]))
+    elif parts[:1] == ["workflows"] and parts[2:] == ["run", "stream"] and workflows:
+        allowed, found = "POST", Route(Endpoint.WORKFLOW_STREAM, unquote(parts[1]))
     elif bare == "/chat/completions":
         allowed, found = "POST", Route(Endpoint.CHAT_COMPLETIONS)
     elif bare == "/models":

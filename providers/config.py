@@ -12,6 +12,9 @@ Rules of this module:
 * A ``--config`` file adds or overrides providers by name, maps models, sets fallbacks and
   the default provider (see ``EXAMPLE_CONFIG``). Other top-level tables are left to their
   own readers (API keys and limits live in the same file).
+* ``--model-path FILE`` / ``--local`` (``load_settings(model_path=...)``), or a file's
+  ``kind = "local"`` table with ``model_path``, add an in-process GGUF model
+  (providers/local.py, the optional extra ``local``).
 * Building the providers is separate from reading the settings, so settings can be
   checked (and refused with a clear message) before the server starts.
 """
@@ -56,7 +59,7 @@ api_key_env = "ANTHROPIC_API_KEY"
 "gpt-4o-mini" = ["anthropic/claude-3-5-haiku-latest", "ollama/llama3.2"]
 """
 
-_KINDS = ("openai", "anthropic", "echo")
+_KINDS = ("openai", "anthropic", "echo", "local")
 
 # Environment variable → (provider name, default base URL); OpenAI-compatible upstreams.
 _OPENAI_COMPATIBLE_ENV: tuple[tuple[str, str, str | None, str | None], ...] = (
@@ -78,11 +81,12 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProviderSettings:
     name: str
-    kind: str  # "openai", "anthropic" or "echo"
+    kind: str  # "openai", "anthropic", "echo" or "local"
     base_url: str | None = None
     api_key: str | None = None
     models: tuple[str, ...] = ()
     connect_timeout: float = 10.0
+    model_path: str | None = None  # kind "local": the GGUF file
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,6 +166,9 @@ def _provider_from_table(name: str, table: Any, env: Mapping[str, str]) -> Provi
         raise ConfigError(f"[providers.{name}] connect_timeout must be a positive number")
     if kind == "anthropic" and base_url is None:
         base_url = "https://api.anthropic.com"
+    model_path = table.get("model_path")
+    if kind == "local" and not isinstance(model_path, str):
+        raise ConfigError(f"[providers.{name}] needs model_path (a GGUF file)")
     return ProviderSettings(
         name=name,
         kind=kind,
@@ -169,6 +176,7 @@ def _provider_from_table(name: str, table: Any, env: Mapping[str, str]) -> Provi
         api_key=api_key,
         models=tuple(models),
         connect_timeout=float(timeout),
+        model_path=model_path if kind == "local" else None,
     )
 
 
@@ -180,8 +188,10 @@ def load_settings(
     record_dir: str | None = None,
     replay_dir: str | None = None,
     replay_timing: bool = False,
+    model_path: str | None = None,
 ) -> RouterSettings:
-    """Settings from the environment, then the file (which wins by provider name)."""
+    """Settings from the environment, then the file (which wins by provider name), then
+    ``model_path`` (a GGUF file served in-process as provider ``local``)."""
     env = os.environ if env is None else env
     providers = {p.name: p for p in from_environment(env)}
     model_map: dict[str, tuple[str, str]] = {}
@@ -214,6 +224,8 @@ def load_settings(
         if raw_default is not None and not isinstance(raw_default, str):
             raise ConfigError("default_provider must be a provider name")
         file_default = raw_default
+    if model_path:
+        providers["local"] = ProviderSettings(name="local", kind="local", model_path=model_path)
     names = {"wirechat", "echo", *providers}
     for model, (name, _) in model_map.items():
         if name not in names:
@@ -239,6 +251,15 @@ def load_settings(
 def build_provider(settings: ProviderSettings) -> ChatProvider:
     if settings.kind == "echo":
         return EchoProvider()
+    if settings.kind == "local":
+        from .local import LocalProvider
+
+        assert settings.model_path is not None
+        return LocalProvider(
+            name=settings.name,
+            model_path=settings.model_path,
+            model_id=settings.models[0] if settings.models else None,
+        )
     if settings.kind == "anthropic":
         from .anthropic import AnthropicProvider
 

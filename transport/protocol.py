@@ -22,20 +22,24 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, assert_never
 
 from wirechat.engine import ProviderError, ServerConnection
 from wirechat.engine.events import (
     CallProvider,
+    CancelJob,
     CancelProvider,
     CancelTool,
     CloseTransport,
     ConnectionFailed,
+    JobCommand,
     ListModels,
     OpenThread,
     RequestCompleted,
     RunTool,
     SaveMessages,
+    StartJob,
 )
 from wirechat.providers.threads import ThreadAccessError
 
@@ -58,6 +62,7 @@ class EngineProtocol(asyncio.Protocol):
         self._writable: asyncio.Event = asyncio.Event()
         self._writable.set()
         self._reading = True
+        self._unsubscribes: list[Callable[[], None]] = []  # job event feeds to this socket
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -87,6 +92,9 @@ class EngineProtocol(asyncio.Protocol):
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
+        for unsubscribe in self._unsubscribes:
+            unsubscribe()  # jobs keep running; only their feed to this socket stops
+        self._unsubscribes.clear()
         if self._timer is not None:
             self._timer.cancel()
         self._writable.set()  # wake a waiting drain: its task is being cancelled anyway
@@ -126,6 +134,12 @@ class EngineProtocol(asyncio.Protocol):
                     self._cancel(output.stream_id)
                 case CancelTool():
                     self._cancel(output.op_id)
+                case StartJob():
+                    self._start_job(output)
+                case JobCommand():
+                    self._job_command(output)
+                case CancelJob():
+                    self._server.jobs.cancel(output.job_id, output.user_id)
                 case CloseTransport():
                     if output.abort:
                         transport.abort()
@@ -281,6 +295,56 @@ class EngineProtocol(asyncio.Protocol):
         finally:
             self._tasks.pop(op.op_id, None)
         self._pump()
+
+    def _follow(self, job_id: str, user_id: str) -> bool:
+        """Feed the events of ``job_id`` to the engine, as they happen, in order."""
+
+        def deliver(event: dict[str, Any]) -> None:
+            self._conn.job_event(job_id, event, time.time())
+            self._pump()
+
+        unsubscribe = self._server.jobs.subscribe(job_id, user_id, deliver)
+        if unsubscribe is None:
+            return False
+        self._unsubscribes.append(unsubscribe)
+        return True
+
+    def _start_job(self, job: StartJob) -> None:
+        jobs = self._server.jobs
+        try:
+            jobs.start(job.job_id, job.workflow_id, job.params, job.user_id)
+        except (KeyError, ValueError, RuntimeError) as exc:  # unknown, duplicate, closing
+            logger.info("job %s could not start: %r", job.job_id, exc)
+            event = {
+                "type": "job_update",
+                "status": "failed",
+                "job_id": job.job_id,
+                "workflow_id": job.workflow_id,
+                "error": "Workflow not found",
+            }
+            self._conn.job_event(job.job_id, event, time.time())
+            return
+        self._follow(job.job_id, job.user_id)
+
+    def _job_command(self, command: JobCommand) -> None:
+        """Ask the job runner; the engine turns the raw answer into the protocol's reply."""
+        jobs, data, user = self._server.jobs, command.data, command.user_id
+        job_id = str(data.get("job_id") or "")
+        value: object
+        if command.command == "get_status":
+            value = jobs.status(job_id, user) if job_id else jobs.jobs(user)
+        elif command.command == "cancel_job":
+            status = jobs.status(job_id, user)
+            value = status if jobs.cancel(job_id, user) else None
+        elif command.command == "reconnect_job":
+            value = jobs.snapshot(job_id, user)
+        elif command.command == "stream_input":
+            value = jobs.stream_input(job_id, user, str(data.get("input")), data.get("value"))
+        else:
+            value = jobs.end_input_stream(job_id, user, str(data.get("input")))
+        self._conn.job_command_done(command.op_id, value, time.time())
+        if command.command == "reconnect_job" and value is not None:
+            self._follow(job_id, user)  # after the snapshot, the live events
 
     async def _drain(self) -> None:
         if self._writable.is_set():

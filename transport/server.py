@@ -18,9 +18,12 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from wirechat.engine import EngineConfig
+from wirechat.engine.chat import WorkflowSpec
+from wirechat.providers.jobs import JobManager
 from wirechat.providers.registry import ProviderRouter
 from wirechat.providers.threads import ThreadStore
 from wirechat.providers.tools import ToolRegistry
+from wirechat.providers.workflows import WorkflowRegistry
 
 from .protocol import EngineProtocol
 
@@ -37,12 +40,24 @@ class Server:
         *,
         tools: ToolRegistry | None = None,
         threads: ThreadStore | None = None,
+        workflows: WorkflowRegistry | None = None,
     ) -> None:
         self.tools = tools if tools is not None else ToolRegistry()
-        # The engine offers a /chat message exactly the server tools the registry has.
-        self.config = replace(config, server_tools=self.tools.specs())
         self.providers = providers
         self.threads = threads if threads is not None else ThreadStore(":memory:")
+        self.workflows = workflows if workflows is not None else WorkflowRegistry()
+        self.jobs = JobManager(self.workflows, providers, self.tools)
+        for workflow_tool in self.jobs.workflow_tools():
+            self.tools.add(workflow_tool)  # a workflow offered to models as workflow_<id>
+        # The engine knows the tools and workflows as data: names, schemas, inputs.
+        self.config = replace(
+            config,
+            server_tools=self.tools.specs(),
+            workflows=tuple(
+                WorkflowSpec(id=w.id, name=w.name, description=w.description, inputs=w.inputs)
+                for w in self.workflows.list()
+            ),
+        )
         self.connections: set[EngineProtocol] = set()
         self._servers: list[asyncio.Server] = []
 
@@ -88,6 +103,7 @@ class Server:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        await self.jobs.aclose()
         await self.providers.aclose()
 
     async def __aenter__(self) -> Server:

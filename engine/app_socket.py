@@ -1,10 +1,11 @@
-"""The ``/chat`` endpoint after the upgrade: WebSocket framing + codec + chat session.
+"""A NodeTool WebSocket endpoint after the upgrade: framing + codec + an app session.
 
 Rules of this module: glue only. Messages from ``WebSocketSession`` are decoded by
-``codec`` (text → JSON, binary → MessagePack) and handed to ``ChatSession``; its frames are
-encoded in the encoding of the client's most recent frame (MessagePack before the client
-has sent any, as NodeTool does) and sent. A frame that fails to decode is answered with an
-``error`` frame; the socket stays open (PROTOCOL.md §4).
+``codec`` (text → JSON, binary → MessagePack) and handed to the session (``ChatSession`` for
+``/chat``, ``PredictSession`` for ``/predict``); its frames are encoded in the encoding of
+the client's most recent frame (MessagePack before the client has sent any, as NodeTool
+does) unless the session has fixed one (``/predict``'s ``set_mode``). A frame that fails to
+decode is answered with an ``error`` frame; the socket stays open (PROTOCOL.md §4, §5).
 """
 
 from __future__ import annotations
@@ -15,23 +16,28 @@ from .chat_session import ChatSession, Frame
 from .codec import Encoding, FrameDecodeError, decode_frame, encode_frame
 from .config import EngineConfig
 from .events import Output
+from .predict_session import PredictSession
 from .websocket import WebSocketSession
 
 
-class ChatSocket:
+class AppSocket:
     def __init__(
         self,
         config: EngineConfig,
         now: float,
         user_id: str,
         *,
+        predict: bool,
         emit: Callable[[Output], None],
         new_id: Callable[[], int],
     ) -> None:
         self.config = config
         self.ws = WebSocketSession(config, now)
         self._encoding: Encoding = "msgpack"
-        self.session = ChatSession(config, user_id, send=self._send_frame, emit=emit, new_id=new_id)
+        session_type = PredictSession if predict else ChatSession
+        self.session: ChatSession | PredictSession = session_type(
+            config, user_id, send=self._send_frame, emit=emit, new_id=new_id
+        )
 
     def receive_data(self, data: bytes, now: float) -> None:
         for message in self.ws.receive_data(data, now):
@@ -39,7 +45,10 @@ class ChatSocket:
             try:
                 frame = decode_frame(message, max_depth=self.config.max_depth)
             except FrameDecodeError as exc:
-                self._send_frame({"type": "error", "message": str(exc)})
+                if isinstance(self.session, PredictSession):
+                    self._send_frame({"error": "invalid_message", "message": str(exc)})
+                else:
+                    self._send_frame({"type": "error", "message": str(exc)})
                 continue
             self.session.handle_frame(frame, now)
             if not self.ws.open:
@@ -58,4 +67,5 @@ class ChatSocket:
         self.ws.close(code, reason, now)
 
     def _send_frame(self, frame: Frame) -> None:
-        self.ws.send_message(encode_frame(frame, self._encoding))
+        encoding = self.session.fixed_encoding or self._encoding
+        self.ws.send_message(encode_frame(frame, encoding))
