@@ -358,6 +358,11 @@ class ChatSession:
             seconds = f"{self.config.client_tool_timeout:g}"
             error = f"Client tool {turn.current_call.name} timed out after {seconds} seconds"
             self._tool_result(turn, False, None, error, now)
+        elif turn.step is Step.SERVER_TOOL and turn.current_call is not None:
+            self._emit(CancelTool(op_id=turn.op_id))
+            seconds = f"{self.config.tool_timeout:g}"
+            error = f"Tool {turn.current_call.name} timed out after {seconds} seconds"
+            self._tool_result(turn, False, None, error, now)
         elif turn.step is Step.GENERATING:
             self._emit(CancelProvider(stream_id=turn.op_id))
             timeout = ProviderError("Timed out waiting for the model", status=504, code="timeout")
@@ -401,6 +406,7 @@ class ChatSession:
         elif any(spec.name == call.name for spec in turn.tools):
             turn.step = Step.SERVER_TOOL
             turn.op_id = self._new_id()
+            turn.deadline = now + self.config.tool_timeout
             self._emit(
                 RunTool(op_id=turn.op_id, name=call.name, arguments=args, user_id=self.user_id)
             )

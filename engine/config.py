@@ -85,6 +85,7 @@ class EngineConfig:
     ws_close_timeout: float = 10.0
     # /chat: how long a client-side tool may take, and how many tool rounds one turn may run.
     client_tool_timeout: float = 60.0
+    tool_timeout: float = 60.0  # a server tool that hangs is cancelled and reported failed
     max_tool_rounds: int = 10
     shutdown_grace: float = 30.0
     # Used by the transport: the longest a write may wait for a client that does not read

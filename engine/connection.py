@@ -765,10 +765,13 @@ class ServerConnection:
     def _flush_socket(self, now: float) -> None:
         socket = self._socket
         assert socket is not None
+        if self._phase is Phase.CLOSED:
+            socket.ws.data_to_send()  # late results after the close: nothing more goes out
+            return
         if self._shutdown_deadline is not None and socket.ws.open and not socket.session.busy:
             socket.close(1001, "server shutting down", now)
         self._out += socket.ws.data_to_send()
-        if socket.ws.transport_done and self._phase is not Phase.CLOSED:
+        if socket.ws.transport_done:
             socket.session.close()
             self._close()
 

@@ -95,8 +95,8 @@ class WebSocketSession:
         self.transport_done = True
 
     def send_message(self, payload: str | bytes) -> None:
-        """Queue one application message (no-op once closing)."""
-        if self._ws.state is ConnectionState.OPEN:
+        """Queue one application message (no-op once closing, or once the socket is gone)."""
+        if self._ws.state is ConnectionState.OPEN and not self.transport_done:
             event = (
                 TextMessage(data=payload)
                 if isinstance(payload, str)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
 import pytest
-from engine_peer import EnginePeer, check_error_envelope, sse_events
+from engine_peer import EnginePeer, check_error_envelope, encode_request, sse_events
 from wirechat.engine import (
     AuthMode,
     ChatMessage,
@@ -122,9 +121,7 @@ def run_job(
 def assert_open(peer: PredictPeer) -> None:
     """The socket still serves: ``clear_models`` gets its one reply."""
     peer.take()
-    assert [g.frame for g in peer.command("clear_models")] == [
-        {"message": "Unused models cleared"}
-    ]
+    assert [g.frame for g in peer.command("clear_models")] == [{"message": "Unused models cleared"}]
     assert peer.server_close is None and not peer.transport_closed()
 
 
@@ -204,7 +201,8 @@ def test_predict_upgrades_on_serve_and_worker(surface: Surface, target: str) -> 
     config = EngineConfig(
         ws_ping_interval=1e6, workflows=WORKFLOWS, surface=surface, auth_mode=AuthMode.NONE
     )
-    peer = PredictPeer(config).open(target)
+    peer = PredictPeer(config)
+    peer.open(target)
     assert bytes(peer.wire).startswith(b"HTTP/1.1 101 ")
     key = next(
         line.split(b":", 1)[1].strip()
@@ -270,7 +268,8 @@ def test_static_auth_failure_accepts_then_closes_1008(
 def test_static_auth_accepted_and_the_clients_user_id_is_ignored(
     target: str, headers: list[tuple[str, str]]
 ) -> None:
-    peer = PredictPeer(STATIC).open(target, headers)
+    peer = PredictPeer(STATIC)
+    peer.open(target, headers)
     assert peer.server_close is None
     assert only(peer.of_type(RequestCompleted)).user_id == "alice"
     assert "sk-alice" not in repr(peer.effects)
@@ -372,7 +371,7 @@ def test_job_events_are_forwarded_as_the_runner_made_them(binary: bool) -> None:
 
 def test_a_failed_job_is_forwarded_and_the_socket_stays_usable() -> None:
     peer = predict()
-    reply, start = run_job(peer)
+    _, start = run_job(peer)
     job_id = start.job_id
     error_update = {**failed(job_id, "kaboom"), "status": "error"}
     sequence = [
@@ -603,6 +602,24 @@ def test_answers_out_of_order_each_get_their_own_reply() -> None:
     assert frames[1] == {"status": "not_found", "job_id": "a" * 32}
     peer.job_done(12345, None)  # an answer to nothing: dropped
     assert peer.take() == []
+
+
+def test_a_reply_waits_for_the_answers_to_earlier_commands() -> None:
+    # Replies carry no request id: a client matches them to its commands by their order, so
+    # a reply must not overtake the reply to an earlier command still waiting for the runner.
+    peer = predict()
+    peer.command("get_status", {"job_id": JOB})
+    asked = peer.asked()
+    peer.command("clear_models")
+    peer.command("run_job", {"workflow_id": "summarize"})
+    peer.job_done(asked.op_id, None)
+    frames = peer.take_frames()
+    assert [sorted(f) for f in frames] == [
+        ["job_id", "status"],
+        ["message"],
+        ["job_id", "message", "workflow_id"],
+    ], frames
+    assert frames[0] == {"status": "not_found", "job_id": JOB}
 
 
 # --- malformed frames and unknown commands ------------------------------------------------
@@ -872,7 +889,11 @@ def test_run_of_a_failed_job_is_a_500_error() -> None:
     start = post_run(peer, "summarize", b"{}")
     assert start is not None
     peer.job_event(start.job_id, running(start.job_id))
+    # NodeTool's ``error`` update comes first and ends nothing; ``failed`` ends the job.
+    peer.job_event(start.job_id, {**failed(start.job_id, "kaboom"), "status": "error"})
+    assert peer.replies == []
     peer.job_event(start.job_id, failed(start.job_id, "RuntimeError: kaboom"))
+    assert len(peer.replies) == 1
     reply = peer.last_reply()
     assert reply.status == 500
     error = check_error_envelope(reply.json)
@@ -921,9 +942,17 @@ def test_run_stream_of_a_failed_job_ends_with_an_error_then_done() -> None:
     peer = HttpPeer(CONFIG)
     start = post_run(peer, "summarize", b"{}", stream=True)
     assert start is not None
+    error_update = {**failed(start.job_id, "kaboom"), "status": "error"}
     peer.job_event(start.job_id, running(start.job_id))
+    peer.job_event(start.job_id, error_update)
+    assert peer.replies == []
     peer.job_event(start.job_id, failed(start.job_id, "RuntimeError: kaboom"))
     got = sse_events(peer.last_reply().body)
+    assert got[:3] == [
+        running(start.job_id),
+        error_update,
+        failed(start.job_id, "RuntimeError: kaboom"),
+    ]
     assert got[-1] == "[DONE]" and got.count("[DONE]") == 1
     assert got[-2]["type"] == "error" and "kaboom" in got[-2]["error"]
     assert not any(isinstance(e, dict) and e.get("type") == "complete" for e in got)
@@ -939,6 +968,20 @@ def test_client_eof_during_a_run_cancels_the_job(stream: bool) -> None:
     assert peer.of_type(CancelJob) == [CancelJob(job_id=start.job_id, user_id="1")]
     peer.job_event(start.job_id, {**running(start.job_id), "status": "cancelled"})
     assert len(peer.of_type(CancelJob)) == 1
+
+
+def test_a_request_pipelined_behind_a_run_is_answered_after_it() -> None:
+    peer = HttpPeer(CONFIG)
+    run = encode_request("POST", "/workflows/summarize/run", [], b'{"message": "a"}')
+    peer.expect("POST", "/workflows/summarize/run")
+    peer.expect("GET", "/workflows")
+    peer.feed(run + encode_request("GET", "/workflows"))
+    start = only(peer.of_type(StartJob))
+    assert peer.replies == []
+    peer.job_event(start.job_id, completed(start.job_id, {"summary": ["a"]}))
+    assert [r.status for r in peer.replies] == [200, 200]
+    assert peer.replies[0].json["results"] == {"summary": ["a"]}
+    assert "workflows" in peer.replies[1].json
 
 
 def test_events_of_another_job_do_not_touch_the_run() -> None:
@@ -1003,9 +1046,7 @@ def test_chat_workflow_turn(binary: bool) -> None:
     assert start.workflow_id == "summarize" and start.user_id == "1"
     assert start.params["message"] == "hello"
     messages = start.params["messages"]
-    assert [(m["role"], m["content"]) for m in messages] == [
-        (m.role, m.content) for m in history
-    ]
+    assert [(m["role"], m["content"]) for m in messages] == [(m.role, m.content) for m in history]
     json.dumps(start.params)  # plain data
     assert peer.got == []
 
@@ -1041,8 +1082,11 @@ def test_chat_workflow_turn_that_fails_still_ends_with_done_and_a_final_message(
     peer = chat_peer()
     _, start = start_workflow_turn(peer, workflow_id="summarize", thread_id="t2")
     peer.job_event(start.job_id, running(start.job_id))
+    peer.job_event(start.job_id, {**failed(start.job_id, "kaboom"), "status": "error"})
+    assert not peer.of_type(SaveMessages)
     peer.job_event(start.job_id, failed(start.job_id, "RuntimeError: kaboom"))
     frames = peer.take_frames()
+    assert [f.get("done") for f in frames if f["type"] == "chunk"] == [True]
     assert frames[-2]["status"] == "failed" and frames[-2]["thread_id"] == "t2"
     assert frames[-1] == {"type": "chunk", "content": "", "done": True, "thread_id": "t2"}
     save = only(e for e in peer.take_effects() if isinstance(e, SaveMessages))
@@ -1103,7 +1147,8 @@ def test_a_new_message_during_a_workflow_turn_cancels_the_job() -> None:
 
 
 def test_chat_workflow_turn_user_is_the_authenticated_one() -> None:
-    peer = PredictPeer(STATIC).open("/chat?api_key=sk-bob")
+    peer = PredictPeer(STATIC)
+    peer.open("/chat?api_key=sk-bob")
     peer.take_effects()
     _, start = start_workflow_turn(peer, workflow_id="summarize", user_id="alice")
     assert start.user_id == "bob"

@@ -11,6 +11,8 @@ the network: models are the embedded ``echo``.
   stream ``go`` (``end_input_stream``); the test decides when it finishes, so nothing in a
   test depends on timing.
 * ``raising``: a node that raises ``RuntimeError("kaboom")``.
+* ``count_messages``: outputs how many ``messages`` (a ``/chat`` turn's history) it was
+  given and the ``message`` itself.
 * ``failing_graph``: a JSON graph whose ``tool`` node calls ``calculator`` with an
   expression it refuses.
 """
@@ -72,6 +74,15 @@ async def raising(ctx: WorkflowContext, inputs: dict[str, Any]) -> dict[str, Any
         raise RuntimeError("kaboom")
 
 
+@workflow(inputs=("message", "messages"))
+async def count_messages(ctx: WorkflowContext, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """Say how long the history is."""
+    messages = inputs.get("messages")
+    count = len(messages) if isinstance(messages, list) else -1
+    ctx.output("answer", f"{count} messages, last: {inputs.get('message')}")
+    return None
+
+
 failing_graph = graph_workflow(
     {
         "id": "failing_graph",
@@ -90,4 +101,4 @@ failing_graph = graph_workflow(
     source="failing_graph",
 )
 
-WORKFLOWS = [slow_chat, ticker, gated, raising, failing_graph]
+WORKFLOWS = [slow_chat, ticker, gated, raising, count_messages, failing_graph]

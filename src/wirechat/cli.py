@@ -36,6 +36,7 @@ _LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--ws-ping-timeout", "ws_ping_timeout", float),
     ("--ws-close-timeout", "ws_close_timeout", float),
     ("--client-tool-timeout", "client_tool_timeout", float),
+    ("--tool-timeout", "tool_timeout", float),
     ("--max-tool-rounds", "max_tool_rounds", int),
     ("--shutdown-grace", "shutdown_grace", float),
     ("--send-timeout", "send_timeout", float),
