@@ -11,11 +11,15 @@ Rules of this module (PROTOCOL.md §5, reference/nodetool-spec.md §4):
 * The engine knows which workflows exist (``EngineConfig.workflows``), so ``run_job`` is
   answered at once; everything about jobs themselves is asked of the runner through
   ``JobCommand`` and answered by ``job_command_done``.
+* Replies go out in the order of the commands, even when a later command is answered
+  before an earlier one that waits for the runner (each command holds a place in
+  ``_replies``).
 """
 
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +47,10 @@ class PredictSession:
         self._emit = emit
         self._new_id = new_id
         self._workflows = {spec.id: spec for spec in config.workflows}
-        self._pending: dict[int, tuple[str, Frame]] = {}
+        self._pending: dict[int, tuple[str, Frame, list[Frame]]] = {}
+        # One entry per command not yet answered on the wire, in command order: the frames
+        # of its reply once known (a reconnect's snapshot events follow its reply).
+        self._replies: deque[list[Frame]] = deque()
         self.fixed_encoding: Encoding | None = None  # set by set_mode
 
     busy = False  # jobs outlive the socket: nothing here holds a shutdown back
@@ -56,12 +63,23 @@ class PredictSession:
 
     def close(self) -> None:
         self._pending.clear()  # the runner keeps the jobs; their events just stop here
+        self._replies.clear()
+
+    def _reply(self, *frames: Frame) -> None:
+        """Answer the current command now (in order behind commands still waiting)."""
+        self._replies.append(list(frames))
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._replies and self._replies[0]:
+            for frame in self._replies.popleft():
+                self._send(frame)
 
     def handle_frame(self, frame: Frame, now: float) -> None:
         command = frame.get("command")
         data = frame.get("data", {})
         if not isinstance(command, str) or not isinstance(data, dict):
-            self._send(
+            self._reply(
                 {
                     "error": "invalid_message",
                     "message": 'A frame must be {"command": <name>, "data": {...}}',
@@ -73,32 +91,32 @@ class PredictSession:
         elif command == "set_mode":
             mode = data.get("mode")
             if mode not in ("binary", "text"):
-                self._send({"error": "mode must be 'binary' or 'text'"})
+                self._reply({"error": "mode must be 'binary' or 'text'"})
                 return
             self.fixed_encoding = "msgpack" if mode == "binary" else "json"
-            self._send({"message": f"Mode set to {mode}"})
+            self._reply({"message": f"Mode set to {mode}"})
         elif command == "clear_models":
-            self._send({"message": "Unused models cleared"})
+            self._reply({"message": "Unused models cleared"})
         elif command in _JOB_COMMANDS:
             self._job_command(command, data)
         else:
-            self._send({"error": f"Unknown command: {command}"})
+            self._reply({"error": f"Unknown command: {command}"})
 
     def _run_job(self, data: Frame) -> None:
         workflow_id = data.get("workflow_id")
         if not isinstance(workflow_id, str) or not workflow_id:
-            self._send({"error": "workflow_id is required"})
+            self._reply({"error": "workflow_id is required"})
             return
         if workflow_id not in self._workflows:
-            self._send({"error": f"Workflow {workflow_id} not found", "workflow_id": workflow_id})
+            self._reply({"error": f"Workflow {workflow_id} not found", "workflow_id": workflow_id})
             return
         params = data.get("params") or {}
         if not isinstance(params, dict):
-            self._send({"error": "params must be an object", "workflow_id": workflow_id})
+            self._reply({"error": "params must be an object", "workflow_id": workflow_id})
             return
         job_id = secrets.token_hex(16)
         # The reply goes first, so the client knows the job before its first event.
-        self._send({"message": "Job started", "job_id": job_id, "workflow_id": workflow_id})
+        self._reply({"message": "Job started", "job_id": job_id, "workflow_id": workflow_id})
         self._emit(
             StartJob(job_id=job_id, workflow_id=workflow_id, params=params, user_id=self.user_id)
         )
@@ -106,15 +124,17 @@ class PredictSession:
     def _job_command(self, command: str, data: Frame) -> None:
         job_id = data.get("job_id")
         if command != "get_status" and (not isinstance(job_id, str) or not job_id):
-            self._send({"error": "job_id is required"})
+            self._reply({"error": "job_id is required"})
             return
         if command in ("stream_input", "end_input_stream") and not isinstance(
             data.get("input"), str
         ):
-            self._send({"error": "input is required", "job_id": job_id})
+            self._reply({"error": "input is required", "job_id": job_id})
             return
         op_id = self._new_id()
-        self._pending[op_id] = (command, data)
+        slot: list[Frame] = []
+        self._replies.append(slot)  # holds this command's place until the runner answers
+        self._pending[op_id] = (command, data, slot)
         self._emit(JobCommand(op_id=op_id, command=command, data=data, user_id=self.user_id))
 
     def job_command_done(self, op_id: int, value: Any) -> None:
@@ -122,46 +142,44 @@ class PredictSession:
         pending = self._pending.pop(op_id, None)
         if pending is None:
             return
-        command, data = pending
+        command, data, slot = pending
+        slot.extend(self._answer(command, data, value))
+        self._flush()
+
+    def _answer(self, command: str, data: Frame, value: Any) -> list[Frame]:
+        """The reply frames for the runner's answer ``value`` to ``command``."""
         job_id = data.get("job_id")
         if command == "get_status":
             if not job_id:
-                self._send({"active_jobs": value if isinstance(value, list) else []})
-            elif isinstance(value, dict):
-                self._send(value)
-            else:
-                self._send({"status": "not_found", "job_id": job_id})
-        elif command == "cancel_job":
+                return [{"active_jobs": value if isinstance(value, list) else []}]
             if isinstance(value, dict):
-                self._send(
-                    {
-                        "message": "Job cancellation requested",
-                        "job_id": job_id,
-                        "workflow_id": value.get("workflow_id"),
-                    }
-                )
-            else:
-                self._send({"error": "Job not found or already completed", "job_id": job_id})
-        elif command == "reconnect_job":
-            if not isinstance(value, list):
-                self._send({"error": f"Job {job_id} not found", "job_id": job_id})
-                return
-            workflow_id = next((e.get("workflow_id") for e in value if isinstance(e, dict)), None)
-            self._send(
+                return [value]
+            return [{"status": "not_found", "job_id": job_id}]
+        if command == "cancel_job":
+            if not isinstance(value, dict):
+                return [{"error": "Job not found or already completed", "job_id": job_id}]
+            return [
                 {
-                    "message": f"Reconnecting to job {job_id}",
+                    "message": "Job cancellation requested",
                     "job_id": job_id,
-                    "workflow_id": workflow_id,
+                    "workflow_id": value.get("workflow_id"),
                 }
-            )
-            for event in value:
-                self._send(event)
-        elif value is not None:  # stream_input / end_input_stream: an error text
-            self._send({"error": str(value), "job_id": job_id})
-        elif command == "stream_input":
-            self._send({"message": "Input item streamed", "job_id": job_id})
-        else:
-            self._send({"message": "Input stream ended", "job_id": job_id})
+            ]
+        if command == "reconnect_job":
+            if not isinstance(value, list):
+                return [{"error": f"Job {job_id} not found", "job_id": job_id}]
+            workflow_id = next((e.get("workflow_id") for e in value if isinstance(e, dict)), None)
+            reply = {
+                "message": f"Reconnecting to job {job_id}",
+                "job_id": job_id,
+                "workflow_id": workflow_id,
+            }
+            return [reply, *(e for e in value if isinstance(e, dict))]
+        if value is not None:  # stream_input / end_input_stream: an error text
+            return [{"error": str(value), "job_id": job_id}]
+        if command == "stream_input":
+            return [{"message": "Input item streamed", "job_id": job_id}]
+        return [{"message": "Input stream ended", "job_id": job_id}]
 
     def job_event(self, job_id: str, event: Frame, now: float) -> None:
         self._send(event)

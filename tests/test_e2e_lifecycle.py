@@ -209,10 +209,10 @@ def test_new_connections_after_sigterm_are_refused_or_503(server_factory: Server
 
 
 def test_sigterm_lets_inflight_non_stream_finish(server_factory: ServerFactory) -> None:
-    srv = server_factory()
+    srv = server_factory("--log-level", "debug")
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(post_chat, srv, "/slow 150 p q r s")
-        time.sleep(0.2)
+        assert srv.wait_for_log("provider call 1 for echo started", timeout=5.0)
         srv.signal(signal.SIGTERM)
         response = future.result(timeout=5.0)
     assert response.status_code == 200
@@ -243,10 +243,11 @@ def test_shutdown_grace_ends_long_stream_with_error_event(server_factory: Server
 def test_shutdown_grace_answers_waiting_non_stream_with_503(
     server_factory: ServerFactory,
 ) -> None:
-    srv = server_factory("--shutdown-grace", "0.3")
+    srv = server_factory("--shutdown-grace", "0.3", "--log-level", "debug")
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(post_chat, srv, "/slow 500 a b c d e f g h")
-        time.sleep(0.3)
+        # Signal only once the request is in flight (a loaded machine may be slow to send it).
+        assert srv.wait_for_log("provider call 1 for echo started", timeout=5.0)
         signalled = time.monotonic()
         srv.signal(signal.SIGTERM)
         response = future.result(timeout=5.0)

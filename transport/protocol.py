@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, assert_never
 
-from wirechat.engine import ProviderError, ServerConnection
+from wirechat.engine import Output, ProviderError, ServerConnection
 from wirechat.engine.events import (
     CallProvider,
     CancelJob,
@@ -62,7 +62,7 @@ class EngineProtocol(asyncio.Protocol):
         self._writable: asyncio.Event = asyncio.Event()
         self._writable.set()
         self._reading = True
-        self._unsubscribes: list[Callable[[], None]] = []  # job event feeds to this socket
+        self._following: dict[str, Callable[[], None]] = {}  # job id → its unsubscribe
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -92,9 +92,9 @@ class EngineProtocol(asyncio.Protocol):
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
-        for unsubscribe in self._unsubscribes:
+        for unsubscribe in self._following.values():
             unsubscribe()  # jobs keep running; only their feed to this socket stops
-        self._unsubscribes.clear()
+        self._following.clear()
         if self._timer is not None:
             self._timer.cancel()
         self._writable.set()  # wake a waiting drain: its task is being cancelled anyway
@@ -115,10 +115,21 @@ class EngineProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        data = self._conn.data_to_send()
-        if data and not transport.is_closing():
-            transport.write(data)
-        for output in self._conn.effects():
+        # Some effects are answered on the spot (JobCommand) and produce more output, so
+        # write and carry out until the engine has nothing left.
+        while True:
+            data = self._conn.data_to_send()
+            if data and not transport.is_closing():
+                transport.write(data)
+            outputs = self._conn.effects()
+            if not outputs:
+                break
+            self._carry_out(outputs, transport)
+        self._arm_timer(self._conn.next_deadline())
+        self._sync_reading()
+
+    def _carry_out(self, outputs: list[Output], transport: asyncio.Transport) -> None:
+        for output in outputs:
             match output:
                 case CallProvider():
                     self._start(output.stream_id, self._run_provider(output))
@@ -153,8 +164,6 @@ class EngineProtocol(asyncio.Protocol):
                     logger.debug("closing a connection: %s (%s)", output.reason, output.status)
                 case _:
                     assert_never(output)
-        self._arm_timer(self._conn.next_deadline())
-        self._sync_reading()
 
     def _sync_reading(self) -> None:
         """Read only while the engine wants bytes and the peer reads what we write: a
@@ -220,6 +229,7 @@ class EngineProtocol(asyncio.Protocol):
 
     async def _run_provider(self, call: CallProvider) -> None:
         conn, sid = self._conn, call.stream_id
+        logger.debug("provider call %d for %s started", sid, call.request.model)
         try:
             stream = self._server.providers.stream(call.request)
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
@@ -303,10 +313,12 @@ class EngineProtocol(asyncio.Protocol):
             self._conn.job_event(job_id, event, time.time())
             self._pump()
 
+        if job_id in self._following:
+            return True  # one feed per job and socket, however often it reconnects
         unsubscribe = self._server.jobs.subscribe(job_id, user_id, deliver)
         if unsubscribe is None:
             return False
-        self._unsubscribes.append(unsubscribe)
+        self._following[job_id] = unsubscribe
         return True
 
     def _start_job(self, job: StartJob) -> None:
