@@ -10,6 +10,7 @@ and point any OpenAI client at the printed URL (``/v1`` appended)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import time
 
@@ -83,11 +84,8 @@ def main() -> None:
         served = 0
         while not args.requests or served < args.requests:
             client, _ = listener.accept()
-            with client:
-                try:
-                    serve_connection(client, config)
-                except OSError:
-                    pass  # the client went away
+            with client, contextlib.suppress(OSError):  # OSError: the client went away
+                serve_connection(client, config)
             served += 1
 
 
