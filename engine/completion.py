@@ -32,6 +32,7 @@ class CompletionRun:
             id=completion_id, created=created, model=parsed.request.model
         )
         self._choice_opened = False
+        self._content_frame = openai.content_chunk_frame(self._prefix, 0)
         self._text: list[str] = []
         self._calls: list[ToolCall] = []
         self._finish: Finish | None = None
@@ -59,9 +60,11 @@ class CompletionRun:
         if isinstance(item, TextDelta):
             if not item.text:
                 return out
-            self._text.append(item.text)
-            if self.stream:
-                out += self._event([openai.delta_choice(self.choice, {"content": item.text})])
+            if not self.stream:
+                self._text.append(item.text)  # a stream never needs the whole text again
+            else:
+                head, tail = self._content_frame
+                out += b"data: " + head + sse.dumps(item.text) + tail + b"\n\n"
             return out
         index = len(self._calls)
         self._calls.append(item)
@@ -96,6 +99,7 @@ class CompletionRun:
 
     def next_choice(self) -> None:
         self.choice += 1
+        self._content_frame = openai.content_chunk_frame(self._prefix, self.choice)
         self._choice_opened = False
         self._text = []
         self._calls = []

@@ -481,6 +481,15 @@ def chunk_json(prefix: bytes, choices: list[dict[str, Any]], usage: Usage | None
     return prefix + json.dumps(tail, separators=(",", ":")).encode("ascii")[1:]
 
 
+def content_chunk_frame(prefix: bytes, index: int) -> tuple[bytes, bytes]:
+    """The constant bytes around a content delta of choice ``index``: the JSON of a chunk is
+    ``head + json.dumps(text) + tail``, the same bytes ``chunk_json`` would produce for
+    ``delta_choice(index, {"content": text})``, without encoding the constant part again
+    for every token."""
+    head = prefix + b'"choices":[{"index":%d,"delta":{"content":' % index
+    return head, b'},"logprobs":null,"finish_reason":null}]}'
+
+
 def delta_choice(
     index: int, delta: dict[str, Any], finish_reason: str | None = None
 ) -> dict[str, Any]:

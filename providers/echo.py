@@ -9,7 +9,7 @@ Rules of this module (PROTOCOL.md §1):
 * A directive is the first word of the stripped last user message; anything that does not
   parse as one is echoed verbatim, so a client can never make this provider fail by accident.
 * Every decision is made before the first item (``_plan``); the generator only plays the plan
-  back, which keeps the per-word hot path to one ``TextDelta`` and one loop yield.
+  back, which keeps the per-word hot path to one ``TextDelta``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import random
 import re
 import string
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +40,13 @@ ECHO_MODEL = "echo"
 ECHO_OWNER = "wirechat"
 # Fixed (2025-01-01T00:00:00Z) so that /v1/models answers the same bytes on every run.
 ECHO_CREATED = 1_735_689_600
+# A fast reply gives the event loop a turn every this many words.
+YIELD_EVERY = 64
 # /slow is for testing client timeouts, not for parking a connection forever.
 MAX_SLOW_MS = 60_000
 
 _WORD = re.compile(r"\S+\s*")
+_COUNT_SLICE = 1 << 16
 # A directive word, then either the end or whitespace and the rest ("/toolx" is no directive).
 _DIRECTIVE = re.compile(r"(/[a-z][a-z-]*)(?:\s+(.*))?", re.DOTALL)
 # At most three digits: every valid status has three, and int() never sees a huge number.
@@ -93,14 +96,28 @@ class EchoProvider:
             yield TextDelta(text=plan.reply)
             raise plan.mid_error
 
-        pieces, words, reason = _limit(plan.reply, request.stop, request.max_tokens)
+        reply = _cut_at_stop(plan.reply, request.stop)
+        limit = request.max_tokens
         delay = plan.delay
-        for index, piece in enumerate(pieces):
-            # sleep(0) between words lets a cancel land (and other streams run) even when
-            # the consumer never awaits anything else; /slow sleeps before every word.
-            if delay or index:
+        words = 0
+        reason: FinishReason = "stop"
+        # Pieces are made one at a time: a multi-megabyte request must not become a list of
+        # a million strings before its first word goes out.
+        for index, piece in enumerate(_iter_pieces(reply)):
+            is_word = not piece.isspace()
+            if limit is not None and is_word and words >= limit:
+                reason = "length"
+                break
+            # /slow sleeps before every word. A plain echo yields to the loop only every
+            # YIELD_EVERY words: often enough that a huge reply cannot starve other
+            # connections or delay a cancel, rarely enough that a normal reply costs one
+            # event-loop turn instead of one per word.
+            if delay:
                 await asyncio.sleep(delay)
+            elif index and index % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             yield TextDelta(text=piece)
+            words += is_word
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=words)
         yield Finish(reason=reason, usage=usage)
 
@@ -132,9 +149,9 @@ def _plan(request: ChatRequest) -> _Plan:
         return _Plan(error=_injected_error(_first_word(rest)[0]))
     elif directive == "/error-mid":
         status, mid_text = _first_word(rest)
-        pieces = _pieces(mid_text)
+        first = next(_iter_pieces(mid_text), None)
         return _Plan(
-            reply=pieces[0] if pieces else "partial ",
+            reply=first or "partial ",
             mid_error=_injected_error(status, mid_stream=True),
         )
     elif directive == "/slow":
@@ -206,39 +223,37 @@ def _injected_error(status_text: str, *, mid_stream: bool = False) -> ProviderEr
     )
 
 
-def _pieces(text: str) -> list[str]:
-    """``text`` split into words, each with its trailing whitespace; joins back to ``text``."""
-    pieces: list[str] = _WORD.findall(text)
-    lead = text[: len(text) - len(text.lstrip())]
-    if lead:
-        if pieces:
-            pieces[0] = lead + pieces[0]
-        else:
-            # Whitespace only: still sent, so the deltas always join to the reply exactly.
-            pieces = [lead]
-    return pieces
+def _iter_pieces(text: str) -> Iterator[str]:
+    """``text`` as words, each with its trailing whitespace; they join back to ``text``."""
+    lead = len(text) - len(text.lstrip())
+    first = True
+    for match in _WORD.finditer(text):
+        piece = match.group()
+        if first and lead:
+            piece = text[:lead] + piece  # leading whitespace rides on the first word
+        first = False
+        yield piece
+    if first and lead:
+        yield text  # whitespace only: still sent, so the deltas always join to the reply
 
 
 def _count_words(text: str) -> int:
-    # str.split() and the regex's \S agree on what whitespace is (both use str.isspace).
-    return len(text.split())
+    """Whitespace-separated words, counted at C speed in slices: a message may be megabytes
+    long, and neither one huge list of words nor a Python loop per word is acceptable."""
+    if len(text) <= _COUNT_SLICE:
+        return len(text.split())
+    count, start = 0, 0
+    while start < len(text):
+        end = min(start + _COUNT_SLICE, len(text))
+        # Extend the slice to the end of the word it cuts, so no word is counted twice.
+        while end < len(text) and not text[end].isspace():
+            end += 1
+        count += len(text[start:end].split())
+        start = end
+    return count
 
 
-def _limit(
-    reply: str, stop: Sequence[str], max_tokens: int | None
-) -> tuple[list[str], int, FinishReason]:
-    """The pieces to send, their word count and the finish reason.
-
-    A stop sequence cuts the reply before its earliest occurrence; the stop string itself is
-    never sent, as with OpenAI. ``max_tokens`` then caps the words, as generation would have
-    hit the limit before reaching the stop sequence.
-    """
+def _cut_at_stop(reply: str, stop: Sequence[str]) -> str:
+    """The reply before the earliest stop sequence (never sent itself, as with OpenAI)."""
     cuts = [index for index in (reply.find(s) for s in stop if s) if index >= 0]
-    if cuts:
-        reply = reply[: min(cuts)]
-    pieces = _pieces(reply)
-    words = _count_words(reply)
-    if max_tokens is not None and words > max_tokens:
-        limit = max(max_tokens, 0)
-        return pieces[:limit], limit, "length"
-    return pieces, words, "stop"
+    return reply[: min(cuts)] if cuts else reply

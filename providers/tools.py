@@ -9,7 +9,7 @@ Rules of this module:
   of the schema *before* the call, so a model's bad arguments become a :class:`ToolError`
   whose message the model can read and act on. An exception raised *inside* a tool
   propagates unchanged: the caller decides how to report it.
-* Sync tools run in a worker thread (``asyncio.to_thread``) so a slow tool never blocks the
+* Sync tools run in a daemon thread of their own so a slow tool never blocks the
   event loop; async tools are awaited. Cancellation is never caught.
 * The built-in ``calculator`` never evaluates Python. It walks the AST of the expression,
   allows only numbers, arithmetic operators and parentheses, and bounds every size that
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -27,6 +28,7 @@ import inspect
 import math
 import operator
 import re
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -137,7 +139,7 @@ class Tool:
         kwargs = self._checked_arguments(arguments)
         if _is_async(self.func):
             return await self.func(**kwargs)
-        result = await asyncio.to_thread(self.func, **kwargs)
+        result = await _in_daemon_thread(self.func, kwargs)
         if inspect.isawaitable(result):
             # A sync callable that returns a coroutine (a lambda around an async function).
             result = await result
@@ -654,3 +656,34 @@ def current_time() -> str:
 def default_tools() -> ToolRegistry:
     """A new registry holding the built-in tools ``calculator`` and ``current_time``."""
     return ToolRegistry([calculator, current_time])
+
+
+async def _in_daemon_thread(func: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Run a sync tool in a daemon thread.
+
+    Not ``asyncio.to_thread``: a tool that hangs would then hold the default executor, and
+    ``asyncio.run`` waits for that executor at exit, so one stuck tool (already timed out
+    and reported to the model) would keep the server from ever shutting down.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def work() -> None:
+        try:
+            result = func(**kwargs)
+        except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
+            error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle, lambda: future.set_exception(error))
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
+
+    threading.Thread(
+        target=work, name=f"wirechat-tool-{getattr(func, '__name__', 'tool')}", daemon=True
+    ).start()
+    return await future

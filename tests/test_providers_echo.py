@@ -325,11 +325,14 @@ def test_cancelling_a_slow_stream_stops_it_cleanly() -> None:
     asyncio.run(main())
 
 
-def test_fast_streams_yield_to_the_event_loop_between_words() -> None:
+def test_fast_streams_yield_to_the_event_loop_every_so_many_words() -> None:
+    from wirechat.providers.echo import YIELD_EVERY
+
     order: list[str] = []
+    text = " ".join(["w"] * (YIELD_EVERY * 2))
 
     async def consume(label: str) -> None:
-        async for item in EchoProvider().stream(make_request("a b c")):
+        async for item in EchoProvider().stream(make_request(text)):
             if isinstance(item, TextDelta):
                 order.append(label)
 
@@ -337,7 +340,10 @@ def test_fast_streams_yield_to_the_event_loop_between_words() -> None:
         await asyncio.gather(consume("x"), consume("y"))
 
     asyncio.run(main())
-    assert order == ["x", "y", "x", "y", "x", "y"]
+    # Each stream runs YIELD_EVERY words per event-loop turn, so two long replies
+    # interleave in blocks instead of one starving the other.
+    block = ["x"] * YIELD_EVERY + ["y"] * YIELD_EVERY
+    assert order == block * 2
 
 
 def test_history_counts_the_messages_before_the_last() -> None:

@@ -46,6 +46,14 @@ from wirechat.providers.threads import ThreadAccessError
 if TYPE_CHECKING:
     from .server import Server
 
+
+class _SlowReader(ConnectionError):
+    """The client has not read for ``send_timeout`` seconds."""
+
+
+# Above this many queued bytes a write goes out at once (the asyncio write-buffer scale).
+_COALESCE_LIMIT = 64 * 1024
+
 access_log = logging.getLogger("wirechat.access")
 logger = logging.getLogger("wirechat.transport")
 
@@ -58,6 +66,10 @@ class EngineProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._deadline: float | None = None  # the engine's latest next_deadline()
+        self._wbuf: list[bytes] = []  # written at the end of this event-loop turn
+        self._wbuf_size = 0
+        self._flush_scheduled = False
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._writable: asyncio.Event = asyncio.Event()
         self._writable.set()
@@ -120,7 +132,7 @@ class EngineProtocol(asyncio.Protocol):
         while True:
             data = self._conn.data_to_send()
             if data and not transport.is_closing():
-                transport.write(data)
+                self._write(data)
             outputs = self._conn.effects()
             if not outputs:
                 break
@@ -155,6 +167,7 @@ class EngineProtocol(asyncio.Protocol):
                     if output.abort:
                         transport.abort()
                     else:
+                        self._flush_writes()
                         transport.close()  # flushes what was written first...
                         # ...unless the peer never reads it: then drop it after a while.
                         self._loop.call_later(self._server.config.send_timeout, transport.abort)
@@ -180,21 +193,53 @@ class EngineProtocol(asyncio.Protocol):
             else:
                 transport.pause_reading()
 
+    def _write(self, data: bytes) -> None:
+        """Queue bytes for the socket; everything queued in one event-loop turn leaves in
+        one write (a stream of small SSE events costs one syscall per turn, not per event).
+        Past the write-buffer high-water mark it goes out at once, so back-pressure still
+        sees it."""
+        self._wbuf.append(data)
+        self._wbuf_size += len(data)
+        if self._wbuf_size >= _COALESCE_LIMIT:
+            self._flush_writes()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_writes)
+
+    def _flush_writes(self) -> None:
+        self._flush_scheduled = False
+        if not self._wbuf:
+            return
+        data = b"".join(self._wbuf) if len(self._wbuf) > 1 else self._wbuf[0]
+        self._wbuf.clear()
+        self._wbuf_size = 0
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
     def _arm_timer(self, deadline: float | None) -> None:
-        if deadline == self._timer_at:
+        """Keep one timer at or before the engine's deadline.
+
+        Deadlines mostly move *later* (every streamed item pushes the idle deadline), so a
+        timer that fires early is simply re-armed rather than being cancelled and created
+        again on every item; only an earlier deadline replaces the timer.
+        """
+        self._deadline = deadline
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
             return
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         self._timer_at = deadline
-        if deadline is not None:
-            delay = max(0.0, deadline - time.time())
-            self._timer = self._loop.call_later(delay, self._on_timer)
+        self._timer = self._loop.call_later(max(0.0, deadline - time.time()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self._conn.handle_timer(time.time())
+        now = time.time()
+        if self._deadline is not None and now < self._deadline:
+            self._arm_timer(self._deadline)  # the deadline moved later meanwhile
+            return
+        self._conn.handle_timer(now)
         self._pump()
 
     def start_shutdown(self) -> None:
@@ -243,6 +288,10 @@ class EngineProtocol(asyncio.Protocol):
         except asyncio.CancelledError:
             logger.debug("provider call %d for %s cancelled", sid, call.request.model)
             raise
+        except _SlowReader:
+            logger.info("dropping a client that stopped reading")
+            self._reset()
+            return
         except ConnectionError:
             return
         except Exception:
@@ -364,9 +413,9 @@ class EngineProtocol(asyncio.Protocol):
         try:
             await asyncio.wait_for(self._writable.wait(), self._server.config.send_timeout)
         except TimeoutError:
-            logger.info("dropping a client that stopped reading")
-            self._reset()
-            raise ConnectionError("client stopped reading") from None
+            # The caller closes its provider stream first (the upstream request must end
+            # cleanly, not be cut by our own cancellation), then drops the client.
+            raise _SlowReader("client stopped reading") from None
         if self._transport is None or self._transport.is_closing():
             raise ConnectionError("connection closed")
 
