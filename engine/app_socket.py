@@ -46,7 +46,7 @@ class AppSocket:
                 frame = decode_frame(message, max_depth=self.config.max_depth)
             except FrameDecodeError as exc:
                 if isinstance(self.session, PredictSession):
-                    self._send_frame({"error": "invalid_message", "message": str(exc)})
+                    self.session.reject(str(exc))
                 else:
                     self._send_frame({"type": "error", "message": str(exc)})
                 continue

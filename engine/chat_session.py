@@ -307,6 +307,8 @@ class ChatSession:
         text = "".join(turn.round_text)
         turn.round_text = []
         turn.deadline = None
+        if turn.rounds >= self.config.max_tool_rounds:
+            calls = []  # tools were no longer offered: a model calling them anyway is ignored
         if not calls:
             self._finish_turn(turn)
             return

@@ -15,6 +15,7 @@ Rules of this module:
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal
 
 import msgpack  # type: ignore[import-untyped]
@@ -40,10 +41,17 @@ def check_depth(value: Any, max_depth: int) -> None:
     while stack:
         item, depth = stack.pop()
         if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                # MessagePack allows bytes keys; no JSON client could be answered with them.
+                raise FrameDecodeError("object keys must be strings")
             children: Any = item.values()
         elif isinstance(item, list):
             children = item
-        elif item is None or isinstance(item, str | int | float | bytes):
+        elif isinstance(item, float):
+            if not math.isfinite(item):  # MessagePack can carry NaN and Infinity; JSON cannot
+                raise FrameDecodeError("numbers must be finite")
+            continue
+        elif item is None or isinstance(item, str | int | bytes):
             continue
         else:
             raise FrameDecodeError(f"unsupported value of type {type(item).__name__}")
@@ -78,7 +86,12 @@ def decode_frame(data: str | bytes, *, max_depth: int) -> dict[str, Any]:
 def encode_frame(payload: dict[str, Any], encoding: Encoding) -> str | bytes:
     """Encode a server frame as JSON text or MessagePack bytes."""
     if encoding == "json":
-        return json.dumps(payload, separators=(",", ":"), default=_json_fallback)
+        try:
+            return json.dumps(
+                payload, separators=(",", ":"), default=_json_fallback, allow_nan=False
+            )
+        except ValueError:  # a non-finite number from a tool or workflow: strict JSON only
+            return json.dumps(_finite(payload), separators=(",", ":"), default=_json_fallback)
     # A lone surrogate from a JSON client cannot be UTF-8: replace it rather than fail.
     return msgpack.packb(  # type: ignore[no-any-return]
         payload, use_bin_type=True, default=_msgpack_fallback, unicode_errors="replace"
@@ -94,3 +107,14 @@ def _json_fallback(value: Any) -> Any:
 
 def _msgpack_fallback(value: Any) -> Any:
     return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by ``None`` (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value

@@ -49,6 +49,7 @@ from .events import (
     StartJob,
 )
 from .http_head import ChunkedBodyCheck, check_request_head
+from .openapi import OPENAPI_JSON
 from .predict_session import PredictSession
 from .routing import Endpoint, Route, route, split_target
 from .state import Input, Phase, next_phase
@@ -516,6 +517,8 @@ class ServerConnection:
             self._respond(ex, 200, sse.dumps({"status": "healthy", "timestamp": stamp}), now)
         elif endpoint is Endpoint.PREFLIGHT:
             self._respond(ex, 204, b"", now)
+        elif endpoint is Endpoint.OPENAPI:
+            self._respond(ex, 200, OPENAPI_JSON, now)
         elif endpoint in (Endpoint.CHAT_WS, Endpoint.PREDICT_WS):
             self._upgrade(ex, now)
         elif endpoint is Endpoint.WORKFLOWS:
@@ -770,6 +773,8 @@ class ServerConnection:
             return
         if self._shutdown_deadline is not None and socket.ws.open and not socket.session.busy:
             socket.close(1001, "server shutting down", now)
+        if not socket.ws.open:
+            socket.session.close()  # we are closing: the session asks for no more work
         self._out += socket.ws.data_to_send()
         if socket.ws.transport_done:
             socket.session.close()
@@ -787,7 +792,11 @@ class ServerConnection:
         self._cancel_work()
         if self._phase is not Phase.STREAMING:
             request_id = self._ex.request_id if self._ex is not None else new_id("req_")
-            self._out += _fatal_response(status, message, request_id)
+            # A HEAD answer has no body, even a refusal (RFC 9110 §9.3.2); when the head
+            # was refused before parsing, its first bytes still say whether it was HEAD.
+            ex = self._ex
+            head_only = ex.method == "HEAD" if ex is not None else self._inbuf[:5] == b"HEAD "
+            self._out += _fatal_response(status, message, request_id, head_only=head_only)
         self._close()
 
     def _cancel_work(self) -> None:
@@ -846,10 +855,12 @@ def _model_not_found(model: str) -> RequestError:
     )
 
 
-def _fatal_response(status: int, message: str, request_id: str) -> bytes:
+def _fatal_response(status: int, message: str, request_id: str, *, head_only: bool) -> bytes:
     """A complete error response written without h11, whose state may be broken by now."""
     error = RequestError(message, status=status, code=None)
-    body = sse.dumps(openai.error_body(error))
+    # To a HEAD no body may follow; "content-length: 0" keeps the framing true both for the
+    # client that sent HEAD and for one that cannot tell what a refused request was.
+    body = b"" if head_only else sse.dumps(openai.error_body(error))
     reason = _reason(status)
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"

@@ -182,4 +182,16 @@ class PredictSession:
         return [{"message": "Input stream ended", "job_id": job_id}]
 
     def job_event(self, job_id: str, event: Frame, now: float) -> None:
-        self._send(event)
+        # A job's events never overtake the reply that announced it (a run_job reply can be
+        # queued behind an earlier command still waiting for the runner); other events are
+        # not held back.
+        announcing = any(frame.get("job_id") == job_id for slot in self._replies for frame in slot)
+        if announcing:
+            self._replies.append([event])
+            self._flush()
+        else:
+            self._send(event)
+
+    def reject(self, message: str) -> None:
+        """Answer a frame that could not be decoded (in its place among the replies)."""
+        self._reply({"error": "invalid_message", "message": message})

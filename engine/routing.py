@@ -26,6 +26,7 @@ class Endpoint(Enum):
     WORKFLOWS = "workflows"
     WORKFLOW_RUN = "workflow_run"
     WORKFLOW_STREAM = "workflow_stream"
+    OPENAPI = "openapi"
     PREFLIGHT = "preflight"
 
 
@@ -37,7 +38,7 @@ class Route:
     @property
     def public(self) -> bool:
         """Reachable without authentication (PROTOCOL.md §3)."""
-        return self.endpoint in (Endpoint.HEALTH, Endpoint.PREFLIGHT)
+        return self.endpoint in (Endpoint.HEALTH, Endpoint.PREFLIGHT, Endpoint.OPENAPI)
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -75,6 +76,8 @@ def route(method: str, target: str, surface: Surface) -> Route:
         allowed, found = "GET", Route(Endpoint.MODELS)
     elif bare.startswith("/models/") and len(bare) > len("/models/"):
         allowed, found = "GET", Route(Endpoint.MODEL, unquote(bare[len("/models/") :]))
+    elif path == "/openapi.json":
+        allowed, found = "GET", Route(Endpoint.OPENAPI)
     elif bare == "/health" or (bare == "/ping" and surface is not Surface.CHAT_SERVER):
         allowed, found = "GET", Route(Endpoint.HEALTH)
     if found is None:
