@@ -1245,7 +1245,8 @@ class PredictSocket(_SocketMachine):
                 assert self.held and reply == self.held[0], (
                     f"an event where a reply was due: {reply}"
                 )
-                assert reply["job_id"] in self.announced, (
+                job_id = reply["job_id"]
+                assert job_id not in self.jobs or job_id in self.announced, (
                     f"an event before its job's reply: {reply}"
                 )
                 self.held.pop(0)
