@@ -12,8 +12,8 @@ Rules of this module:
   to this document, both ways: data valid here must not get a 400, data invalid here must.
 * Response schemas list the fields we always send as ``required`` and never forbid extra
   ones, so a provider that adds fields does not break the contract.
-* Only the ``/v1`` spelling of the OpenAI routes is listed: every route also answers without
-  ``/v1`` and with a trailing slash, which the description says once.
+* Only the ``/v1`` spelling of the OpenAI routes is listed: they also answer without ``/v1``,
+  and most routes with a trailing slash, which the description says once.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ NodeTool's protocols and are described in the README.
 
 * **Paths.** The OpenAI routes are listed with their `/v1` prefix only: every one of them \
 also answers without it (`/chat/completions`, `/models`, `/models/{model}`), and every \
-route also answers with a trailing slash. These aliases are not repeated here. \
+route but `/openapi.json` also answers with a trailing slash. These aliases are not \
+repeated here. \
 `GET` routes also answer `HEAD`. A model id in `/v1/models/{model}` may contain raw or \
 percent-encoded slashes.
 * **Which server serves what.** `wirechat serve` serves every path here. \
@@ -154,9 +155,14 @@ def _message(role: str, description: str, content: Schema, **extra: Schema) -> S
 
 
 def _messages() -> dict[str, Schema]:
+    # Every role but `user` takes text and refusal parts (OpenAI: refusal for assistant only).
     instructions = ["TextContentPart", "RefusalContentPart"]
-    user_parts = ["TextContentPart", "ImageUrlContentPart", "InputAudioContentPart"]
-    user_parts.append("FileContentPart")
+    user_parts = [
+        "TextContentPart",
+        "ImageUrlContentPart",
+        "InputAudioContentPart",
+        "FileContentPart",
+    ]
     tool_call = {
         "type": "object",
         "required": ["id", "function"],

@@ -100,6 +100,24 @@ json_values = st.recursive(json_scalars, lambda c: _containers(c, tricky_text), 
 anything = json_values | any_values
 
 
+# How the fake outside world answers (``_driver.Script``), each field drawn on its own so
+# every provider behaviour is tried often, the rare ones included.
+scripts = st.builds(
+    Script,
+    provider=st.integers(0, 7),
+    usage=st.booleans(),
+    world=st.integers(0, 3),
+    job_answer=st.integers(0, 3),
+)
+script_bytes = st.builds(
+    lambda p, u, w, j: p | u << 3 | w << 4 | j << 6,
+    st.integers(0, 7),
+    st.integers(0, 1),
+    st.integers(0, 3),
+    st.integers(0, 3),
+)
+
+
 # --- HTTP ------------------------------------------------------------------------------------
 
 METHODS = ["GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "CONNECT", "get", "PRI", "X" * 21]
@@ -163,7 +181,7 @@ def http_requests(draw: st.DrawFn) -> bytes:
 @given(
     requests=st.lists(http_requests(), min_size=1, max_size=4),
     config=st.integers(0, 3),
-    script=st.integers(0, 255),
+    script=script_bytes,
     timers=st.booleans(),
     cuts=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=4),
 )
@@ -342,7 +360,7 @@ def test_codec_bytes(data: bytes) -> None:
 
 # --- WebSocket -------------------------------------------------------------------------------
 
-chat_frames = st.fixed_dictionaries(
+wild_chat_frames = st.fixed_dictionaries(
     {},
     optional={
         "type": st.sampled_from([t for t in CHAT_TYPES if t is not None]) | json_scalars,
@@ -368,7 +386,7 @@ chat_frames = st.fixed_dictionaries(
         "error": anything,
     },
 )
-predict_frames = st.fixed_dictionaries(
+wild_predict_frames = st.fixed_dictionaries(
     {"command": st.sampled_from(PREDICT_COMMANDS) | anything},
     optional={
         "data": st.fixed_dictionaries(
@@ -387,6 +405,73 @@ predict_frames = st.fixed_dictionaries(
 )
 
 
+# Well-formed frames half the time, so turns and jobs really start and run to their end
+# (a wild frame is mostly refused at once).
+chat_messages = st.fixed_dictionaries(
+    {"type": st.sampled_from(["message", "chat_message"]), "content": tricky_text},
+    optional={
+        "thread_id": st.just("t1"),
+        "model": st.just("echo"),
+        "tools": st.lists(st.sampled_from(["calculator", "search"]), max_size=2),
+    },
+)
+valid_chat_frames = st.one_of(
+    chat_messages,  # three times: the frame that starts a turn is the one that matters most
+    chat_messages,
+    chat_messages,
+    chat_messages.map(lambda m: {**m, "workflow_id": "summarize"}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("client_tools_manifest"),
+            "tools": st.lists(
+                st.fixed_dictionaries({"name": st.sampled_from(["browser", "calculator"])}),
+                min_size=1,
+                max_size=2,
+            ),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("tool_result"),
+            "tool_call_id": st.sampled_from(["call_1", "call_2", "call_3"]),
+            "ok": st.booleans(),
+            "result": anything,
+        }
+    ),
+    st.fixed_dictionaries({"type": st.sampled_from(["stop", "ping", "pong"])}),
+)
+valid_predict_frames = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "command": st.just("run_job"),
+            "data": st.fixed_dictionaries(
+                {"workflow_id": st.sampled_from(["summarize", "echo_graph"])},
+                optional={"params": st.dictionaries(tricky_text, anything, max_size=2)},
+            ),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "command": st.just("set_mode"),
+            "data": st.fixed_dictionaries({"mode": st.sampled_from(["binary", "text"])}),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "command": st.sampled_from(
+                ["get_status", "cancel_job", "reconnect_job", "stream_input", "end_input_stream"]
+            ),
+            "data": st.fixed_dictionaries(
+                {"job_id": st.sampled_from(["j1", ""]) | anything},
+                optional={"input": tricky_text},
+            ),
+        }
+    ),
+)
+chat_frames = valid_chat_frames | wild_chat_frames
+predict_frames = valid_predict_frames | wild_predict_frames
+
+
 def _payload(value: Any, binary: bool) -> tuple[int, bytes]:
     try:
         if binary:
@@ -399,8 +484,11 @@ def _payload(value: Any, binary: bool) -> tuple[int, bytes]:
 @st.composite
 def client_frames(draw: st.DrawFn, app: st.SearchStrategy[Any]) -> tuple[bytes, int | None]:
     """One frame a client writes (and the close code it sends, if it is a Close)."""
-    kind = draw(st.sampled_from(["app"] * 6 + ["fragments", "control", "close", "odd"]))
-    masked = draw(st.integers(0, 9)) > 0
+    # Mostly well-framed messages: one bad frame ends the socket, and what follows is lost.
+    kind = draw(
+        st.sampled_from(["app"] * 12 + ["fragments"] * 2 + ["control"] * 2 + ["close", "odd"])
+    )
+    masked = kind != "odd" or draw(st.booleans())
     mask = draw(st.binary(min_size=4, max_size=4)) if masked else None
     if kind == "app":
         opcode, payload = _payload(draw(app), draw(st.booleans()))
@@ -433,7 +521,7 @@ def _run_ws(
     predict: bool,
     frames: list[tuple[bytes, int | None]],
     config: int,
-    script: int,
+    script: Script,
     together: bool,
     cuts: list[int],
 ) -> None:
@@ -443,7 +531,7 @@ def _run_ws(
         config,
         predict,
         data,
-        script=Script.from_byte(script),
+        script=script,
         together=together,
         cuts=sorted({c % len(data) for c in cuts}) if data else [],
         client_codes=codes,
@@ -453,15 +541,15 @@ def _run_ws(
 @FUZZ
 @given(
     frames=st.lists(client_frames(chat_frames), max_size=8),
-    config=st.integers(0, 3),
-    script=st.integers(0, 255),
+    config=st.sampled_from([0, 0, 1, 1, 2, 3]),  # 2 and 3 do not serve /chat: a 404
+    script=scripts,
     together=st.booleans(),
     cuts=st.lists(st.integers(0, 0xFFFF), max_size=4),
 )
 def test_chat_frames(
     frames: list[tuple[bytes, int | None]],
     config: int,
-    script: int,
+    script: Script,
     together: bool,
     cuts: list[int],
 ) -> None:
@@ -473,14 +561,14 @@ def test_chat_frames(
 @given(
     frames=st.lists(client_frames(predict_frames), max_size=8),
     config=st.integers(0, 3),
-    script=st.integers(0, 255),
+    script=scripts,
     together=st.booleans(),
     cuts=st.lists(st.integers(0, 0xFFFF), max_size=4),
 )
 def test_predict_frames(
     frames: list[tuple[bytes, int | None]],
     config: int,
-    script: int,
+    script: Script,
     together: bool,
     cuts: list[int],
 ) -> None:
@@ -491,15 +579,15 @@ def test_predict_frames(
 @given(
     commands=st.lists(st.tuples(predict_frames | anything, st.booleans()), max_size=10),
     config=st.integers(0, 1),
-    script=st.integers(0, 255),
+    script=scripts,
     batch=st.booleans(),
 )
 def test_predict_one_reply_per_command(
-    commands: list[tuple[Any, bool]], config: int, script: int, batch: bool
+    commands: list[tuple[Any, bool]], config: int, script: Script, batch: bool
 ) -> None:
     """/predict: exactly one direct reply per command, whatever the command holds."""
     payloads = [fuzz_predict.command_payload(value, binary) for value, binary in commands]
-    fuzz_predict.run_predict(payloads, config=config, script=Script.from_byte(script), batch=batch)
+    fuzz_predict.run_predict(payloads, config=config, script=script, batch=batch)
 
 
 # --- SSE -------------------------------------------------------------------------------------
