@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .chat_session import ChatSession, Frame
-from .codec import Encoding, FrameDecodeError, decode_frame, encode_frame
+from .codec import ChunkEncoder, Encoding, FrameDecodeError, decode_frame, encode_frame
 from .config import EngineConfig
 from .events import Output
 from .predict_session import PredictSession
@@ -34,10 +34,21 @@ class AppSocket:
         self.config = config
         self.ws = WebSocketSession(config, now)
         self._encoding: Encoding = "msgpack"
-        session_type = PredictSession if predict else ChatSession
-        self.session: ChatSession | PredictSession = session_type(
-            config, user_id, send=self._send_frame, emit=emit, new_id=new_id
-        )
+        self._chunks = ChunkEncoder()
+        self.session: ChatSession | PredictSession
+        if predict:
+            self.session = PredictSession(
+                config, user_id, send=self._send_frame, emit=emit, new_id=new_id
+            )
+        else:
+            self.session = ChatSession(
+                config,
+                user_id,
+                send=self._send_frame,
+                send_chunk=self._send_chunk,
+                emit=emit,
+                new_id=new_id,
+            )
 
     def receive_data(self, data: bytes, now: float) -> None:
         for message in self.ws.receive_data(data, now):
@@ -69,3 +80,7 @@ class AppSocket:
     def _send_frame(self, frame: Frame) -> None:
         encoding = self.session.fixed_encoding or self._encoding
         self.ws.send_message(encode_frame(frame, encoding))
+
+    def _send_chunk(self, text: str, thread_id: str | None) -> None:
+        encoding = self.session.fixed_encoding or self._encoding
+        self.ws.send_message(self._chunks.encode(text, thread_id, encoding))

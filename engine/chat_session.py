@@ -34,7 +34,7 @@ from .chat import (
     ToolCall,
     ToolSpec,
 )
-from .codec import Encoding
+from .codec import Encoding, chunk_frame
 from .config import EngineConfig
 from .events import (
     CallProvider,
@@ -92,10 +92,14 @@ class ChatSession:
         send: Callable[[Frame], None],
         emit: Callable[[Output], None],
         new_id: Callable[[], int],
+        send_chunk: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self.config = config
         self.user_id = user_id
         self._send = send
+        # A streamed piece of text (``codec.chunk_frame``): the one frame sent per token, so
+        # the socket may encode it without a dict per token.
+        self._send_chunk = send_chunk or (lambda text, thread: send(chunk_frame(text, thread)))
         self._emit = emit
         self._new_id = new_id
         self._server_tools = {spec.name: spec for spec in config.server_tools}
@@ -285,15 +289,7 @@ class ChatSession:
             if item.text:
                 turn.text.append(item.text)
                 turn.round_text.append(item.text)
-                self._send(
-                    {
-                        "type": "chunk",
-                        "content": item.text,
-                        "content_type": "text",
-                        "done": False,
-                        "thread_id": turn.thread_id,
-                    }
-                )
+                self._send_chunk(item.text, turn.thread_id)
         elif isinstance(item, ToolCall):
             turn.round_calls.append(item)
         else:

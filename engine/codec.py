@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 import msgpack  # type: ignore[import-untyped]
 
+# What json.dumps does to a str (ensure_ascii), without its per-call set-up.
+_json_string = json.encoder.encode_basestring_ascii
+
 Encoding = Literal["json", "msgpack"]
 
 
@@ -96,6 +99,54 @@ def encode_frame(payload: dict[str, Any], encoding: Encoding) -> str | bytes:
     return msgpack.packb(  # type: ignore[no-any-return]
         payload, use_bin_type=True, default=_msgpack_fallback, unicode_errors="replace"
     )
+
+
+class ChunkEncoder:
+    """Text ``chunk`` frames, the frame every streamed token becomes, encoded fast.
+
+    ``{"type": "chunk", "content": TEXT, "content_type": "text", "done": false,
+    "thread_id": ID}`` differs from one token to the next only in TEXT, so everything around
+    it is encoded once per (encoding, thread id) by :func:`encode_frame` itself and only the
+    text is encoded per token. The bytes are exactly what ``encode_frame`` gives for the
+    whole dict (a test holds the two equal).
+    """
+
+    _MARK = "\ue000wirechat-chunk\ue000"  # private-use: no thread id contains its encoding
+
+    def __init__(self) -> None:
+        self._parts: dict[tuple[Encoding, str | None], tuple[Any, Any]] = {}
+        self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="replace")
+
+    def encode(self, text: str, thread_id: str | None, encoding: Encoding) -> str | bytes:
+        parts = self._parts.get((encoding, thread_id))
+        if parts is None:
+            parts = self._split(thread_id, encoding)
+        head, tail = parts
+        if encoding == "json":
+            return head + _json_string(text) + tail  # type: ignore[no-any-return]
+        return head + self._packer.pack(text) + tail  # type: ignore[no-any-return]
+
+    def _split(self, thread_id: str | None, encoding: Encoding) -> tuple[Any, Any]:
+        frame = chunk_frame(self._MARK, thread_id)
+        whole = encode_frame(frame, encoding)
+        mark = _json_string(self._MARK) if encoding == "json" else self._packer.pack(self._MARK)
+        head, found, tail = whole.partition(mark)  # type: ignore[arg-type]
+        assert found, "the chunk frame lost its text"
+        if len(self._parts) >= 16:  # a socket names few threads; never let this grow
+            self._parts.clear()
+        self._parts[(encoding, thread_id)] = (head, tail)
+        return head, tail
+
+
+def chunk_frame(text: str, thread_id: str | None) -> dict[str, Any]:
+    """The ``chunk`` frame of one piece of streamed text (what ``ChunkEncoder`` encodes)."""
+    return {
+        "type": "chunk",
+        "content": text,
+        "content_type": "text",
+        "done": False,
+        "thread_id": thread_id,
+    }
 
 
 def _json_fallback(value: Any) -> Any:

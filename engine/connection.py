@@ -122,6 +122,14 @@ class ServerConnection:
         self._outputs.clear()  # in place: the /chat session holds its bound append
         return outputs
 
+    @property
+    def has_output(self) -> bool:
+        """Whether ``data_to_send()`` or ``effects()`` holds anything: lets a transport skip
+        its whole output pass after an input that produced nothing (a token of a
+        non-streamed answer), which is most inputs. The deadline may have moved *later*
+        meanwhile; a timer that fires before it is harmless (``handle_timer``)."""
+        return bool(self._out) or bool(self._outputs)
+
     def next_deadline(self) -> float | None:
         """When to call ``handle_timer`` next (same clock as ``now``), or ``None``."""
         if self._phase is Phase.CLOSED:

@@ -167,6 +167,21 @@ class ProviderRouter:
                 )
                 continue
             models.extend(result)
+        return self._with_aliases(models)
+
+    def cached_models(self) -> list[ModelInfo] | None:
+        """``list_models()``'s answer when every provider's listing is still cached, else
+        ``None``: lets ``/v1/models`` be answered without a task or an event-loop turn."""
+        now = time.monotonic()
+        models: list[ModelInfo] = []
+        for provider in self._providers:
+            cached = self._listed.get(provider.name)
+            if cached is None or now - cached[0] >= self._models_ttl:
+                return None
+            models.extend(cached[1])
+        return self._with_aliases(models)
+
+    def _with_aliases(self, models: list[ModelInfo]) -> list[ModelInfo]:
         listed = {m.id for m in models}
         for alias, (name, _) in self._model_map.items():
             if alias not in listed and self.get(name) is not None:

@@ -155,9 +155,10 @@ def test_client_disconnect_closes_the_upstream_request(
         else:
             time.sleep(0.5)  # the upstream call is under way
     closed_at = time.monotonic()
-    assert upstream.wait_for_log(CANCELLED, timeout=2.0), upstream.log()[-2000:]
-    assert time.monotonic() - closed_at < 2.0
-    assert gateway.wait_for_log(CANCELLED, timeout=1.0)
+    # Bounds with room for a loaded machine: a leak would never log the cancel at all.
+    assert upstream.wait_for_log(CANCELLED, timeout=5.0), upstream.log()[-2000:]
+    assert time.monotonic() - closed_at < 5.0
+    assert gateway.wait_for_log(CANCELLED, timeout=2.0)
 
 
 def test_record_then_replay_gives_the_same_conversation(

@@ -972,3 +972,45 @@ def test_close_frame_struct_helper() -> None:
     # The helper builds what the RFC describes (a sanity check of the test's own tool).
     raw = frame(OP_CLOSE, close_payload(1000, b"ok"), mask=b"\x00\x00\x00\x00")
     assert raw == b"\x88\x84\x00\x00\x00\x00" + struct.pack("!H", 1000) + b"ok"
+
+
+# --- the fast paths of sending (framed by us, encoded by template) ---------------------------
+
+_texts = st.text(max_size=300) | st.text(alphabet='\ud800\udfff\u2028\x00é😀"\\', max_size=20)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(payload=st.binary(max_size=70_000) | _texts.map(lambda t: t.encode("utf-8", "replace")))
+def test_data_frames_are_the_bytes_wsproto_writes(payload: bytes) -> None:
+    """``WebSocketSession.send_message`` frames data itself: byte for byte wsproto's frame,
+    at every length encoding (7-bit, 16-bit, 64-bit)."""
+    from wirechat.engine.websocket import WebSocketSession
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import BytesMessage, TextMessage
+
+    reference = Connection(ConnectionType.SERVER)
+    session = WebSocketSession(EngineConfig(), 0.0)
+    text = payload.decode("utf-8", "replace")
+    session.send_message(payload)
+    session.send_message(text)
+    expected = reference.send(BytesMessage(data=payload)) + reference.send(TextMessage(data=text))
+    assert session.data_to_send() == expected
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    texts=st.lists(_texts, min_size=1, max_size=4),
+    thread_id=st.none() | st.text(max_size=40),
+)
+def test_chunk_frames_are_the_bytes_encode_frame_writes(
+    texts: list[str], thread_id: str | None
+) -> None:
+    """``ChunkEncoder`` encodes only the text per token; the frame is exactly the whole
+    dict's ``encode_frame`` in both encodings, lone surrogates included."""
+    from wirechat.engine.codec import ChunkEncoder, chunk_frame, encode_frame
+
+    encoder = ChunkEncoder()
+    for text in texts:
+        for encoding in ("json", "msgpack"):
+            fast = encoder.encode(text, thread_id, encoding)  # type: ignore[arg-type]
+            assert fast == encode_frame(chunk_frame(text, thread_id), encoding)  # type: ignore[arg-type]

@@ -146,7 +146,11 @@ class EngineProtocol(asyncio.Protocol):
                 case CallProvider():
                     self._start(output.stream_id, self._run_provider(output))
                 case ListModels():
-                    self._start(output.stream_id, self._list_models(output))
+                    cached = self._server.providers.cached_models()
+                    if cached is None:
+                        self._start(output.stream_id, self._list_models(output))
+                    else:  # answered on the spot; the pump's loop writes the reply
+                        self._conn.models_listed(output.stream_id, cached, time.time())
                 case OpenThread():
                     self._start(output.op_id, self._open_thread(output))
                 case SaveMessages():
@@ -280,8 +284,10 @@ class EngineProtocol(asyncio.Protocol):
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for item in stream:
                     conn.provider_chunk(sid, item, time.time())
-                    self._pump()
-                    await self._drain()
+                    if conn.has_output:
+                        self._pump()
+                    if not self._writable.is_set():
+                        await self._drain()
             conn.provider_done(sid, time.time())
         except ProviderError as exc:
             conn.provider_failed(sid, exc, time.time())
