@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from .chat import ToolSpec, WorkflowSpec
+from .playground import Playground
 
 
 class AuthMode(StrEnum):
@@ -104,6 +105,9 @@ class EngineConfig:
     # The workflows /predict, /chat (workflow_id) and /workflows may run; filled likewise.
     workflows: tuple[WorkflowSpec, ...] = ()
     server_name: str = "wirechat"
+    # The web page served at GET / on the `serve` surface (the CLI loads it unless
+    # --no-playground); None leaves / a 404.
+    playground: Playground | None = None
 
     def __post_init__(self) -> None:
         if self.max_head_bytes < 256:

@@ -78,6 +78,7 @@ class _Exchange:
     request_id: str
     origin: str | None
     requested_headers: bytes | None = None  # Access-Control-Request-Headers of a preflight
+    host: str = ""  # the Host header: the playground's policy names it
     route: Route | None = None
     error: RequestError | None = None
     user_id: str | None = None
@@ -463,13 +464,19 @@ class ServerConnection:
             request_id=supplied_id if _REQUEST_ID.fullmatch(supplied_id) else new_id("req_"),
             origin=origin.decode("latin-1") if origin is not None else None,
             requested_headers=headers.get(b"access-control-request-headers"),
+            host=headers.get(b"host", b"").decode("latin-1"),
         )
         self._ex = ex
         length = headers.get(b"content-length")
         if length is not None and int(length) > self.config.max_body_bytes:
             raise RemoteProtocolError("Request body too large", status=413)
         try:
-            ex.route = route(ex.method, ex.target, self.config.surface)
+            ex.route = route(
+                ex.method,
+                ex.target,
+                self.config.surface,
+                playground=self.config.playground is not None,
+            )
             if self._shutdown_deadline is not None:
                 raise RequestError(
                     "The server is shutting down",
@@ -527,6 +534,8 @@ class ServerConnection:
             self._respond(ex, 204, b"", now)
         elif endpoint is Endpoint.OPENAPI:
             self._respond(ex, 200, OPENAPI_JSON, now)
+        elif endpoint is Endpoint.PLAYGROUND:
+            self._respond_playground(ex, now)
         elif endpoint in (Endpoint.CHAT_WS, Endpoint.PREDICT_WS):
             self._upgrade(ex, now)
         elif endpoint is Endpoint.WORKFLOWS:
@@ -636,10 +645,11 @@ class ServerConnection:
         *,
         extra: Sequence[tuple[str, str]] = (),
         close: bool = False,
+        content_type: bytes = b"application/json",
     ) -> None:
         conn = self._h11
         assert conn is not None
-        headers = self._headers(ex, b"application/json" if status != 204 else None, now)
+        headers = self._headers(ex, content_type if status != 204 else None, now)
         if ex.route is not None and ex.route.endpoint is Endpoint.PREFLIGHT:
             headers.append((b"allow", b"GET, POST, OPTIONS"))
             headers += self._preflight_headers(ex)
@@ -656,6 +666,12 @@ class ServerConnection:
         self._out += conn.send(h11.EndOfMessage())
         ex.status = status
         self._finish_exchange(ex, now, streamed=False)
+
+    def _respond_playground(self, ex: _Exchange, now: float) -> None:
+        page = self.config.playground
+        assert page is not None  # routed only when configured
+        extra = page.headers(ex.host)
+        self._respond(ex, 200, page.page, now, extra=extra, content_type=page.content_type)
 
     def _headers(
         self, ex: _Exchange, content_type: bytes | None, now: float

@@ -40,9 +40,9 @@ repeated here. \
 percent-encoded slashes.
 * **Which server serves what.** `wirechat serve` serves every path here. \
 `wirechat chat-server` serves the OpenAI routes, `/health` and `/openapi.json` only \
-(no `/ping`, no `/workflows`); `wirechat worker` serves everything but `/chat`.
+(no `/ping`, no `/workflows`, no `/`); `wirechat worker` serves everything but `/chat` and `/`.
 * **Authentication.** With `--auth-provider static` (or `supabase`) every operation except \
-`/health`, `/ping`, `/openapi.json` and `OPTIONS` needs `Authorization: Bearer <token>`; \
+`/`, `/health`, `/ping`, `/openapi.json` and `OPTIONS` needs `Authorization: Bearer <token>`; \
 a failure is a 401 with `WWW-Authenticate: Bearer`. With `local` or `none` (the default) \
 nothing is checked.
 * **CORS.** `OPTIONS` on any path is a CORS preflight (204), answered without \
@@ -982,6 +982,24 @@ def _paths() -> dict[str, Schema]:
                 },
             }
         },
+        "/": {
+            "get": {
+                "tags": ["Meta"],
+                "operationId": "getPlayground",
+                "summary": "The web playground: a chat page over `/chat`; no authentication.",
+                "description": "A static, self-contained HTML page (`wirechat serve` only; not"
+                " with `--no-playground`, which leaves `/` a 404). A token the server needs is"
+                " pasted into the page and sent by the browser. The page is served with a"
+                " strict `Content-Security-Policy` (its own inline script and style by hash,"
+                " connections to this origin only), `X-Content-Type-Options: nosniff` and"
+                " `Cache-Control: no-cache`.",
+                "security": public,
+                "responses": {
+                    "200": _ok("The page.", {"text/html": {"schema": {"type": "string"}}}),
+                    **_errors(),
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "tags": ["Meta"],
@@ -1047,7 +1065,7 @@ def openapi_document() -> dict[str, Any]:
             {"name": "OpenAI", "description": "OpenAI's Chat Completions and Models API."},
             {"name": "Workflows", "description": "Run registered workflows over HTTP."},
             {"name": "Health", "description": "Liveness probes."},
-            {"name": "Meta", "description": "This document."},
+            {"name": "Meta", "description": "This document and the web playground."},
         ],
         "security": [{"bearerAuth": []}],
         "paths": _paths(),

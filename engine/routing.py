@@ -27,6 +27,7 @@ class Endpoint(Enum):
     WORKFLOW_RUN = "workflow_run"
     WORKFLOW_STREAM = "workflow_stream"
     OPENAPI = "openapi"
+    PLAYGROUND = "playground"
     PREFLIGHT = "preflight"
 
 
@@ -38,7 +39,12 @@ class Route:
     @property
     def public(self) -> bool:
         """Reachable without authentication (PROTOCOL.md §3)."""
-        return self.endpoint in (Endpoint.HEALTH, Endpoint.PREFLIGHT, Endpoint.OPENAPI)
+        return self.endpoint in (
+            Endpoint.HEALTH,
+            Endpoint.PREFLIGHT,
+            Endpoint.OPENAPI,
+            Endpoint.PLAYGROUND,
+        )
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -46,8 +52,11 @@ def split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
-def route(method: str, target: str, surface: Surface) -> Route:
-    """The route for a request, or :class:`RequestError` (404 ``unknown_url`` / 405)."""
+def route(method: str, target: str, surface: Surface, *, playground: bool = False) -> Route:
+    """The route for a request, or :class:`RequestError` (404 ``unknown_url`` / 405).
+
+    ``playground``: whether ``/`` serves the web playground (only with ``/chat``, on SERVE).
+    """
     path, _ = split_target(target)
     if method == "OPTIONS":
         # CORS preflight is never an error and never needs auth (bugs B12, B13).
@@ -78,6 +87,8 @@ def route(method: str, target: str, surface: Surface) -> Route:
         allowed, found = "GET", Route(Endpoint.MODEL, unquote(bare[len("/models/") :]))
     elif path == "/openapi.json":
         allowed, found = "GET", Route(Endpoint.OPENAPI)
+    elif path == "/" and playground and surface is Surface.SERVE:
+        allowed, found = "GET", Route(Endpoint.PLAYGROUND)
     elif bare == "/health" or (bare == "/ping" and surface is not Surface.CHAT_SERVER):
         allowed, found = "GET", Route(Endpoint.HEALTH)
     if found is None:

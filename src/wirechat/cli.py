@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from wirechat import playground
 from wirechat.engine import AuthMode, EngineConfig, StaticKey, Surface
 
 if TYPE_CHECKING:
@@ -146,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for flag, field, kind in _LIMIT_FLAGS:
             sub.add_argument(flag, dest=field, type=kind, metavar=kind.__name__.upper())
+        if name == "serve":
+            sub.add_argument(
+                "--no-playground",
+                action="store_true",
+                help="do not serve the web playground at / (then / is a 404)",
+            )
+        else:
+            sub.set_defaults(no_playground=True)  # the page needs /chat, which only serve has
     return parser
 
 
@@ -174,6 +183,7 @@ def build_config(args: argparse.Namespace) -> EngineConfig:
         static_keys=tuple(StaticKey.from_token(t) for t in tokens),
         default_model=args.default_model or _env("DEFAULT_MODEL") or "echo",
         cors_origins=tuple(o.strip() for o in cors.split(",") if o.strip()),
+        playground=None if args.no_playground else playground.load(),
         **{k: v for k, v in limits.items() if v is not None},
     )
 
