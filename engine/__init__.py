@@ -28,6 +28,7 @@ from .events import (
     Notice,
     Output,
     RequestCompleted,
+    VerifyToken,
 )
 from .state import Phase
 
@@ -61,4 +62,5 @@ __all__ = [
     "ToolCall",
     "ToolSpec",
     "Usage",
+    "VerifyToken",
 ]

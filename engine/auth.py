@@ -1,18 +1,20 @@
-"""Bearer-token checks for the ``none``, ``local`` and ``static`` modes (PROTOCOL.md §3).
+"""Bearer-token checks for every auth mode (PROTOCOL.md §3).
 
 Rules of this module: pure functions of the token and the config. Tokens are compared as
 SHA-256 digests with ``hmac.compare_digest`` against *every* configured key, so neither the
 time taken nor a non-ASCII token (``compare_digest`` raises on non-ASCII ``str``) tells an
-attacker anything or turns into a 500.
+attacker anything or turns into a 500. In ``supabase`` mode a token that is no static key
+is not judged here: the result asks for a check (``AuthResult.check``), which the connection
+turns into a ``VerifyToken`` effect, since asking Supabase needs the network.
 """
 
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from .config import EngineConfig, token_digest
+from .config import AuthMode, EngineConfig, token_digest
 
 LOCAL_USER = "1"  # NodeTool's user id when auth is not enforced.
 
@@ -21,6 +23,8 @@ LOCAL_USER = "1"  # NodeTool's user id when auth is not enforced.
 class AuthResult:
     user_id: str | None
     failure: str | None = None  # "missing" or "invalid"
+    # supabase mode: the token the auth provider must judge (user_id and failure are None).
+    check: str | None = field(default=None, repr=False)
 
 
 def bearer_token(authorization: bytes | None) -> str | None:
@@ -53,6 +57,12 @@ def authenticate(token: str | None, config: EngineConfig) -> AuthResult:
             user = key.user_id
     if user is not None:
         return AuthResult(user)
-    # In supabase mode a token that is no static key still needs Supabase's word; that check
-    # needs the network and arrives as an effect of its own (issue 8). Until then: refused.
+    if config.auth_mode is AuthMode.SUPABASE and _sendable(token):
+        return AuthResult(None, check=token)
     return AuthResult(None, "invalid")
+
+
+def _sendable(token: str) -> bool:
+    """Whether ``token`` can travel in an ``Authorization`` header at all: visible ASCII, no
+    space. Anything else (a query token may decode to any text) is refused without asking."""
+    return token.isascii() and token.isprintable() and " " not in token

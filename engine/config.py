@@ -92,6 +92,9 @@ class EngineConfig:
     # Used by the transport: the longest a write may wait for a client that does not read
     # before the connection is dropped (nginx send_timeout).
     send_timeout: float = 60.0
+    # supabase auth: the longest a request (or a WebSocket, after its 101) waits for the
+    # provider's verdict on a token before it is refused as unavailable (503 / close 1011).
+    auth_timeout: float = 10.0
 
     # Policies.
     surface: Surface = Surface.SERVE
@@ -117,3 +120,5 @@ class EngineConfig:
         for name in ("head_timeout", "body_timeout", "keepalive_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.auth_timeout <= 0:
+            raise ValueError("auth_timeout must be positive")

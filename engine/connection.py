@@ -47,6 +47,7 @@ from .events import (
     Output,
     RequestCompleted,
     StartJob,
+    VerifyToken,
 )
 from .http_head import ChunkedBodyCheck, check_request_head
 from .openapi import OPENAPI_JSON
@@ -62,6 +63,8 @@ _EXPOSED_HEADERS = "x-request-id, openai-processing-ms, openai-version, retry-af
 # Endpoints whose request body we read (every other body is counted and dropped).
 _BODY_ENDPOINTS = (Endpoint.CHAT_COMPLETIONS, Endpoint.WORKFLOW_RUN, Endpoint.WORKFLOW_STREAM)
 _JOB_DONE = ("completed", "failed", "cancelled")
+_WS_ENDPOINTS = (Endpoint.CHAT_WS, Endpoint.PREDICT_WS)
+_AUTH_RETRY_AFTER = "2"  # seconds a client should wait when the auth provider is down
 
 
 def new_id(prefix: str) -> str:
@@ -84,6 +87,7 @@ class _Exchange:
     user_id: str | None = None
     ws_key: bytes | None = None  # a valid WebSocket upgrade's key
     ws_auth_failure: str | None = None  # the 1008 close reason, after the handshake
+    ws_close_code: int = 1008  # 1011 when the auth provider could not judge the token
     body: bytearray = field(default_factory=bytearray)
     body_size: int = 0  # counted for every route: the limit holds even for a body we drop
     stream_id: int | None = None
@@ -91,6 +95,15 @@ class _Exchange:
     job_id: str | None = None  # a workflow run over HTTP
     job_result: dict[str, object] | None = None
     status: int = 0
+
+
+@dataclass(slots=True)
+class _AuthWait:
+    """A token the auth provider is judging: ``VerifyToken(op_id)`` is out."""
+
+    op_id: int
+    deadline: float  # past it, the provider counts as unavailable (503 / close 1011)
+    predict: bool | None = None  # set once a WebSocket's 101 is out: which socket waits
 
 
 class ServerConnection:
@@ -108,6 +121,7 @@ class ServerConnection:
         # A new connection must send a head within the head timeout, like one kept alive.
         self._deadline: float | None = now + config.head_timeout
         self._shutdown_deadline: float | None = None
+        self._auth: _AuthWait | None = None  # supabase: the verdict the request waits for
 
     # --- outputs ---------------------------------------------------------------------
 
@@ -344,6 +358,19 @@ class ServerConnection:
             self._socket.session.job_command_done(op_id, value)
             self._flush_socket(now)
 
+    # --- inputs from the auth provider ----------------------------------------------
+
+    def token_verified(self, op_id: int, user_id: str | None, now: float) -> None:
+        """The answer to ``VerifyToken(op_id)``: the token's user id, or ``None`` when the
+        provider refused the token (401 on HTTP, close 1008 on a WebSocket)."""
+        self._auth_settled(op_id, user_id, "invalid" if user_id is None else None, "", now)
+
+    def token_check_failed(self, op_id: int, message: str, now: float) -> None:
+        """``VerifyToken(op_id)`` got no verdict (the provider is unreachable, slow or
+        failing): 503 with ``Retry-After`` on HTTP, close 1011 on a WebSocket. Never a pass.
+        ``message`` (no token in it) is shown to the client."""
+        self._auth_settled(op_id, None, "unavailable", message, now)
+
     # --- inputs from the clock and the server ----------------------------------------
 
     def handle_timer(self, now: float) -> None:
@@ -363,6 +390,9 @@ class ServerConnection:
             self._close()  # keep-alive (or never-used) connection: close quietly
         elif self._phase in (Phase.HEAD, Phase.BODY):
             self._fail(RemoteProtocolError("Timed out reading the request", status=408), now)
+        elif self._auth is not None:
+            message = "the authentication provider did not answer in time"
+            self._auth_settled(self._auth.op_id, None, "unavailable", message, now)
         else:
             ex = self._ex
             assert ex is not None and ex.stream_id is not None
@@ -490,18 +520,22 @@ class ServerConnection:
                 # NodeTool accepts the handshake, then closes 1008 (PROTOCOL.md §3).
                 result = authenticate(token or query_token(split_target(ex.target)[1]), self.config)
                 ex.user_id = result.user_id
-                if result.user_id is None:
+                if result.check is not None:
+                    self._verify(result.check, now)
+                elif result.user_id is None:
                     missing = result.failure == "missing"
                     ex.ws_auth_failure = f"{'Missing' if missing else 'Invalid'} authentication"
             elif not ex.route.public:
                 result = authenticate(token, self.config)
-                if result.user_id is None:
+                if result.check is not None:
+                    self._verify(result.check, now)
+                elif result.user_id is None:
                     raise _auth_error(result.failure or "invalid")
                 ex.user_id = result.user_id
         except RequestError as exc:
             ex.error = exc
         assert self._h11 is not None
-        if self._h11.they_are_waiting_for_100_continue:
+        if self._h11.they_are_waiting_for_100_continue and self._auth is None:
             if ex.error is not None:
                 # The client holds its body back until told to send it: refuse now and close,
                 # since the unread body would otherwise be parsed as the next request.
@@ -527,6 +561,11 @@ class ServerConnection:
             self._respond_error(ex, ex.error or RequestError("Bad request"), now)
             return
         endpoint = ex.route.endpoint
+        if self._auth is not None and endpoint not in _WS_ENDPOINTS:
+            # The token is still being judged: nothing is dispatched before the verdict
+            # (a deadline already past fires at once, as "unavailable").
+            self._deadline = self._auth.deadline
+            return
         if endpoint is Endpoint.HEALTH:
             stamp = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
             self._respond(ex, 200, sse.dumps({"status": "healthy", "timestamp": stamp}), now)
@@ -769,22 +808,39 @@ class ServerConnection:
                 user_id=ex.user_id,
             )
         )
-        trailing = conn.trailing_data[0] + bytes(self._inbuf)
-        self._inbuf.clear()
+        self._inbuf[:0] = conn.trailing_data[0]  # the client's first frames, if any
         self._h11 = None
         self._ex = None
         self._set_phase(Input.UPGRADED)
+        predict = ex.route is not None and ex.route.endpoint is Endpoint.PREDICT_WS
+        wait = self._auth
+        if wait is not None:
+            # The token is still being judged: the socket opens with the verdict, and the
+            # client's frames wait in _inbuf until then (reading pauses past the limit).
+            wait.predict = predict
+            self._deadline = wait.deadline
+            return
+        close = None if ex.ws_auth_failure is None else (ex.ws_close_code, ex.ws_auth_failure)
+        self._open_socket(predict, ex.user_id or "", close, now)
+
+    def _open_socket(
+        self, predict: bool, user_id: str, close: tuple[int, str] | None, now: float
+    ) -> None:
+        """Start the /chat or /predict session, or close the socket at once (auth failed)."""
+        trailing = bytes(self._inbuf)
+        self._inbuf.clear()
+        self._deadline = None
         socket = AppSocket(
             self.config,
             now,
-            ex.user_id or "",
-            predict=ex.route is not None and ex.route.endpoint is Endpoint.PREDICT_WS,
+            user_id,
+            predict=predict,
             emit=self._outputs.append,
             new_id=self._new_stream_id,
         )
         self._socket = socket
-        if ex.ws_auth_failure is not None:
-            socket.close(1008, ex.ws_auth_failure, now)
+        if close is not None:
+            socket.close(*close, now)
         elif trailing:
             socket.receive_data(trailing, now)
         self._flush_socket(now)
@@ -803,6 +859,56 @@ class ServerConnection:
         if socket.ws.transport_done:
             socket.session.close()
             self._close()
+
+    # --- the auth provider's verdict ---------------------------------------------------
+
+    def _verify(self, token: str, now: float) -> None:
+        """Ask the auth provider about ``token``; the request waits for the verdict."""
+        op_id = self._new_stream_id()
+        self._auth = _AuthWait(op_id=op_id, deadline=now + self.config.auth_timeout)
+        self._outputs.append(VerifyToken(op_id=op_id, token=token))
+
+    def _auth_settled(
+        self, op_id: int, user_id: str | None, failure: str | None, message: str, now: float
+    ) -> None:
+        wait = self._auth
+        if wait is None or wait.op_id != op_id or self._phase is Phase.CLOSED:
+            return  # a verdict for a request already answered (or abandoned): dropped
+        self._auth = None
+        close = {
+            None: None,
+            "invalid": (1008, "Invalid authentication"),
+            "unavailable": (1011, "Authentication unavailable"),
+        }[failure]
+        if wait.predict is not None:  # the 101 is out: open the session, or close 1008/1011
+            self._open_socket(wait.predict, user_id or "", close, now)
+            return
+        ex = self._ex
+        assert ex is not None and ex.route is not None
+        if ex.route.endpoint in _WS_ENDPOINTS:  # an upgrade request with a body: 101 at its end
+            ex.user_id = user_id
+            if close is not None:
+                ex.ws_close_code, ex.ws_auth_failure = close
+            return
+        if failure is None:
+            ex.user_id = user_id
+        else:
+            invalid = failure == "invalid"
+            ex.error = _auth_error("invalid") if invalid else _auth_unavailable(message)
+            ex.body = bytearray()  # and the rest of the body is dropped as it arrives
+        if self._phase is Phase.BODY:
+            conn = self._h11
+            assert conn is not None
+            if conn.they_are_waiting_for_100_continue:
+                # The client held its body back for our word (reliability.md: 100 only
+                # after auth): a refusal closes, since the unread body cannot be skipped.
+                if ex.error is not None:
+                    self._respond_error(ex, ex.error, now, close=True)
+                    return
+                self._out += conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            return  # the body is still arriving: the request is dispatched at its end
+        self._dispatch(now)
+        self._advance(now)
 
     # --- failure and closing -------------------------------------------------------
 
@@ -824,6 +930,7 @@ class ServerConnection:
         self._close()
 
     def _cancel_work(self) -> None:
+        self._auth = None  # a verdict arriving later is dropped
         ex = self._ex
         if ex is not None and ex.stream_id is not None:
             self._outputs.append(CancelProvider(stream_id=ex.stream_id))
@@ -868,6 +975,18 @@ def _auth_error(failure: str) -> RequestError:
     else:
         message = "Incorrect API key provided."
     return RequestError(message, status=401, code="invalid_api_key")
+
+
+def _auth_unavailable(message: str) -> RequestError:
+    # Never "let everyone in": the client is told to come back (PROTOCOL.md §3).
+    detail = f": {message}" if message else ""
+    return RequestError(
+        f"The API key could not be verified{detail}. Try again later.",
+        status=503,
+        type="service_unavailable",
+        code="auth_unavailable",
+        headers=(("retry-after", _AUTH_RETRY_AFTER),),
+    )
 
 
 def _model_not_found(model: str) -> RequestError:

@@ -12,7 +12,7 @@ Rules of this module:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .chat import ChatMessage, ChatRequest
@@ -117,6 +117,16 @@ class CancelJob:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyToken:
+    """Ask the auth provider (Supabase) whether ``token`` is valid; answer with
+    ``token_verified(op_id, user_id)`` (``None``: refused) or ``token_check_failed`` (the
+    provider could not be asked). The token is kept out of ``repr``: never log it."""
+
+    op_id: int
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CloseTransport:
     """Close the socket once ``data_to_send()`` has been written (``abort``: drop it now,
     without flushing, so the peer sees a truncated response)."""
@@ -156,6 +166,7 @@ Effect = (
     | StartJob
     | JobCommand
     | CancelJob
+    | VerifyToken
     | CloseTransport
 )
 Notice = RequestCompleted | ConnectionFailed

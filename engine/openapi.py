@@ -43,8 +43,9 @@ percent-encoded slashes.
 (no `/ping`, no `/workflows`, no `/`); `wirechat worker` serves everything but `/chat` and `/`.
 * **Authentication.** With `--auth-provider static` (or `supabase`) every operation except \
 `/`, `/health`, `/ping`, `/openapi.json` and `OPTIONS` needs `Authorization: Bearer <token>`; \
-a failure is a 401 with `WWW-Authenticate: Bearer`. With `local` or `none` (the default) \
-nothing is checked.
+a failure is a 401 with `WWW-Authenticate: Bearer`. With `supabase`, a token Supabase \
+could not judge (unreachable, failing or too slow) is a 503 `auth_unavailable` with \
+`retry-after`, never a pass. With `local` or `none` (the default) nothing is checked.
 * **CORS.** `OPTIONS` on any path is a CORS preflight (204), answered without \
 authentication.
 * **Errors.** Every error is OpenAI's envelope `{"error": {"message", "type", "param", \
@@ -741,7 +742,8 @@ _ERRORS: dict[str, tuple[str, str, dict[str, Schema]]] = {
     ),
     "ServiceUnavailable": (
         "503",
-        "Overloaded, shutting down, or the upstream is unavailable.",
+        "Overloaded, shutting down, the upstream is unavailable, or (supabase auth) the token"
+        " could not be verified.",
         {
             "retry-after": _ref("headers", "RetryAfter"),
             "retry-after-ms": _ref("headers", "RetryAfterMs"),

@@ -40,7 +40,9 @@ from wirechat.engine.events import (
     RunTool,
     SaveMessages,
     StartJob,
+    VerifyToken,
 )
+from wirechat.providers.supabase_auth import AuthUnavailable
 from wirechat.providers.threads import ThreadAccessError
 
 if TYPE_CHECKING:
@@ -167,6 +169,8 @@ class EngineProtocol(asyncio.Protocol):
                     self._job_command(output)
                 case CancelJob():
                     self._server.jobs.cancel(output.job_id, output.user_id)
+                case VerifyToken():
+                    self._verify_token(output)
                 case CloseTransport():
                     if output.abort:
                         transport.abort()
@@ -357,6 +361,35 @@ class EngineProtocol(asyncio.Protocol):
             logger.info("tool %s failed: %s", op.name, exc)
             error = f"{type(exc).__name__}: {exc}"
             self._conn.tool_finished(op.op_id, False, None, error, time.time())
+        finally:
+            self._tasks.pop(op.op_id, None)
+        self._pump()
+
+    def _verify_token(self, op: VerifyToken) -> None:
+        """Judge a token: from the verifier's cache on the spot, else by asking it."""
+        verifier = self._server.auth
+        if verifier is None:
+            message = "no authentication provider is configured"
+            self._conn.token_check_failed(op.op_id, message, time.time())
+            return
+        verdict = verifier.cached(op.token)
+        if verdict is not None:
+            self._conn.token_verified(op.op_id, verdict.user_id, time.time())
+            return
+        self._start(op.op_id, self._check_token(op))
+
+    async def _check_token(self, op: VerifyToken) -> None:
+        verifier = self._server.auth
+        assert verifier is not None
+        try:
+            user_id = await verifier.verify(op.token)
+            self._conn.token_verified(op.op_id, user_id, time.time())
+        except AuthUnavailable as exc:
+            self._conn.token_check_failed(op.op_id, str(exc), time.time())
+        except Exception as exc:  # a verifier bug must not let anyone in, nor log the token
+            logger.error("token check failed: %s", type(exc).__name__)
+            message = "the authentication provider failed"
+            self._conn.token_check_failed(op.op_id, message, time.time())
         finally:
             self._tasks.pop(op.op_id, None)
         self._pump()

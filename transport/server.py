@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from wirechat.engine import EngineConfig
+from wirechat.engine import AuthMode, EngineConfig
 from wirechat.engine.chat import WorkflowSpec
 from wirechat.providers.jobs import JobManager
 from wirechat.providers.registry import ProviderRouter
+from wirechat.providers.supabase_auth import TokenVerifier
 from wirechat.providers.threads import ThreadStore
 from wirechat.providers.tools import ToolRegistry
 from wirechat.providers.workflows import WorkflowRegistry
@@ -41,7 +42,11 @@ class Server:
         tools: ToolRegistry | None = None,
         threads: ThreadStore | None = None,
         workflows: WorkflowRegistry | None = None,
+        auth: TokenVerifier | None = None,
     ) -> None:
+        if config.auth_mode is AuthMode.SUPABASE and auth is None:
+            raise ValueError("auth mode supabase needs a token verifier (auth=SupabaseVerifier)")
+        self.auth = auth  # judges the tokens that are no static key (supabase mode)
         self.tools = tools if tools is not None else ToolRegistry()
         self.providers = providers
         self.threads = threads if threads is not None else ThreadStore(":memory:")
@@ -105,6 +110,8 @@ class Server:
         self._servers.clear()
         await self.jobs.aclose()
         await self.providers.aclose()
+        if self.auth is not None:
+            await self.auth.aclose()
 
     async def __aenter__(self) -> Server:
         return self

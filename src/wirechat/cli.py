@@ -15,13 +15,17 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlsplit
 
 from wirechat import playground
 from wirechat.engine import AuthMode, EngineConfig, StaticKey, Surface
 
 if TYPE_CHECKING:
     from wirechat.providers.config import RouterSettings
+    from wirechat.providers.supabase_auth import SupabaseVerifier
     from wirechat.providers.tools import ToolRegistry
     from wirechat.providers.workflows import WorkflowRegistry
 
@@ -37,6 +41,7 @@ _LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--ws-ping-timeout", "ws_ping_timeout", float),
     ("--ws-close-timeout", "ws_close_timeout", float),
     ("--client-tool-timeout", "client_tool_timeout", float),
+    ("--auth-timeout", "auth_timeout", float),
     ("--tool-timeout", "tool_timeout", float),
     ("--max-tool-rounds", "max_tool_rounds", int),
     ("--shutdown-grace", "shutdown_grace", float),
@@ -86,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
             "--auth-provider",
             choices=[m.value for m in AuthMode],
             help="none, local (default), static or supabase (env AUTH_PROVIDER)",
+        )
+        sub.add_argument(
+            "--supabase-url",
+            help="Supabase project URL for --auth-provider supabase (env SUPABASE_URL; the"
+            " service key comes from env SUPABASE_KEY only, never from the command line)",
+        )
+        sub.add_argument(
+            "--auth-cache-ttl",
+            type=float,
+            metavar="SECONDS",
+            help="how long a token Supabase accepted stays cached (env AUTH_CACHE_TTL;"
+            " default 60; 0 disables the cache)",
+        )
+        sub.add_argument(
+            "--auth-cache-max",
+            type=int,
+            metavar="N",
+            help="most tokens kept in the cache (env AUTH_CACHE_MAX; default 2000)",
         )
         sub.add_argument(
             "--workers",
@@ -167,7 +190,7 @@ def build_config(args: argparse.Namespace) -> EngineConfig:
         mode = AuthMode.LOCAL  # NodeTool treats an unknown value as local
     tokens = [t.strip() for t in (_env("WORKER_AUTH_TOKEN") or "").split(",") if t.strip()]
     if mode is AuthMode.SUPABASE:
-        raise UsageError("--auth-provider supabase is not available in this version of wirechat")
+        supabase_settings(args)  # refuse to start now, with a clear message, if incomplete
     if mode is AuthMode.STATIC and not tokens:
         raise UsageError("--auth-provider static needs WORKER_AUTH_TOKEN (comma-separated tokens)")
     if surface is Surface.WORKER and not mode.enforced and args.auth_provider != "none":
@@ -185,6 +208,69 @@ def build_config(args: argparse.Namespace) -> EngineConfig:
         cors_origins=tuple(o.strip() for o in cors.split(",") if o.strip()),
         playground=None if args.no_playground else playground.load(),
         **{k: v for k, v in limits.items() if v is not None},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SupabaseSettings:
+    url: str
+    key: str = dataclass_field(repr=False)
+    ttl: float
+    max_entries: int
+
+
+def supabase_settings(args: argparse.Namespace) -> SupabaseSettings:
+    """The Supabase project, key and cache of ``--auth-provider supabase`` (PROTOCOL.md §3)."""
+    url = args.supabase_url or _env("SUPABASE_URL")
+    key = _env("SUPABASE_KEY")
+    missing = [name for name, value in (("SUPABASE_URL", url), ("SUPABASE_KEY", key)) if not value]
+    if missing or url is None or key is None:
+        raise UsageError(
+            f"--auth-provider supabase needs {' and '.join(missing)}: the Supabase project URL"
+            " (SUPABASE_URL or --supabase-url) and its key (SUPABASE_KEY)"
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"SUPABASE_URL must be an http:// or https:// URL, not {url!r}")
+    ttl = _setting(args.auth_cache_ttl, ("AUTH_CACHE_TTL", "REMOTE_AUTH_CACHE_TTL"), float, 60.0)
+    size = _setting(args.auth_cache_max, ("AUTH_CACHE_MAX", "REMOTE_AUTH_CACHE_MAX"), int, 2000)
+    if ttl < 0 or size < 0:
+        raise UsageError("AUTH_CACHE_TTL and AUTH_CACHE_MAX must not be negative")
+    return SupabaseSettings(url=url, key=key, ttl=ttl, max_entries=size)
+
+
+_Number = TypeVar("_Number", int, float)
+
+
+def _setting(
+    flag: _Number | None, names: Sequence[str], kind: type[_Number], default: _Number
+) -> _Number:
+    """A number from its flag, else the first of its environment variables that is set."""
+    if flag is not None:
+        return flag
+    for name in names:
+        value = _env(name)
+        if value is not None:
+            try:
+                return kind(value)
+            except ValueError:
+                raise UsageError(f"{name} must be a number, not {value!r}") from None
+    return default
+
+
+def build_verifier(args: argparse.Namespace, config: EngineConfig) -> SupabaseVerifier | None:
+    """The token verifier of ``--auth-provider supabase`` (one per process: after a fork)."""
+    if config.auth_mode is not AuthMode.SUPABASE:
+        return None
+    from wirechat.providers.supabase_auth import SupabaseVerifier
+
+    settings = supabase_settings(args)
+    return SupabaseVerifier(
+        settings.url,
+        settings.key,
+        ttl=settings.ttl,
+        max_entries=settings.max_entries,
+        timeout=config.auth_timeout,
     )
 
 
@@ -210,7 +296,12 @@ def _run_one(
     try:
         router = build_router(router_settings(args))
         server = Server(
-            config, router, tools=load_tools(args), threads=threads, workflows=load_workflows(args)
+            config,
+            router,
+            tools=load_tools(args),
+            threads=threads,
+            workflows=load_workflows(args),
+            auth=build_verifier(args, config),
         )
         ready = (lambda _: _announce(sock)) if announce else None
         asyncio.run(serve(server, sock=sock, on_ready=ready))

@@ -18,6 +18,7 @@ from wirechat.engine import EngineConfig
 from wirechat.providers.base import ChatProvider
 from wirechat.providers.echo import EchoProvider
 from wirechat.providers.registry import ProviderRouter
+from wirechat.providers.supabase_auth import TokenVerifier
 from wirechat.providers.threads import ThreadStore
 from wirechat.providers.tools import Tool, ToolRegistry, default_tools
 from wirechat.providers.workflows import Workflow, WorkflowRegistry
@@ -49,12 +50,15 @@ async def start(
     tools: Iterable[Tool | Callable[..., Any]] = (),
     workflows: Iterable[Workflow | Callable[..., Any]] = (),
     db: str = ":memory:",
+    auth: TokenVerifier | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Serve wirechat on ``host:port`` for the duration of the ``async with`` block.
 
     ``providers``: a router, or providers consulted in order (default: the ``echo`` model).
     ``tools`` and ``workflows`` are added to the built-in tools and to no workflows.
     ``db`` is the thread store's SQLite file (``":memory:"`` keeps nothing).
+    ``auth`` judges tokens when ``config.auth_mode`` is ``supabase`` (a
+    ``wirechat.providers.supabase_auth.SupabaseVerifier``); it is closed on exit.
 
     Example::
 
@@ -78,6 +82,7 @@ async def start(
         tools=registry,
         threads=threads,
         workflows=workflow_registry,
+        auth=auth,
     )
     try:
         addresses = await server.start(host, port)
