@@ -46,7 +46,8 @@ percent-encoded slashes.
 a failure is a 401 with `WWW-Authenticate: Bearer`. With `local` or `none` (the default) \
 nothing is checked.
 * **CORS.** `OPTIONS` on any path is a CORS preflight (204), answered without \
-authentication.
+authentication. Its `Allow` names the path's methods (`GET, HEAD, OPTIONS` or `POST, \
+OPTIONS`, as a 405 does); on a path that names no endpoint, every method the server has.
 * **Errors.** Every error is OpenAI's envelope `{"error": {"message", "type", "param", \
 "code"}}` (`code` a string or null) plus `"detail"` (the same message, for NodeTool \
 clients). An unknown path is a 404 `unknown_url`; a wrong method a 405 with `Allow`.
