@@ -711,7 +711,12 @@ _COMMON_HEADERS = {
 
 _ERRORS: dict[str, tuple[str, str, dict[str, Schema]]] = {
     # name: (status, description, headers beyond the common ones)
-    "BadRequest": ("400", "The request is malformed or a field is invalid (`param` names it).", {}),
+    "BadRequest": (
+        "400",
+        "The request is malformed or a field is invalid (`param` names it). JSON nested more"
+        " than 64 levels deep (`--max-depth`) is refused too, wherever it is.",
+        {},
+    ),
     "Unauthorized": (
         "401",
         "Missing or invalid bearer token (`code: invalid_api_key`).",
