@@ -751,7 +751,7 @@ class ServerConnection:
         assert conn is not None
         headers = self._headers(ex, content_type if status != 204 else None, now)
         if ex.route is not None and ex.route.endpoint is Endpoint.PREFLIGHT:
-            headers.append((b"allow", b"GET, POST, OPTIONS"))
+            headers.append((b"allow", ex.route.allow.encode("ascii")))
             headers += self._preflight_headers(ex)
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
         if status != 204:

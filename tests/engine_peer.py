@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import h11
-from wirechat.engine.limits import Admission
 from wirechat.engine import (
     CallProvider,
     CancelProvider,
@@ -35,6 +34,7 @@ from wirechat.engine import (
     RequestCompleted,
     ServerConnection,
 )
+from wirechat.engine.limits import Admission
 
 Splitter = Callable[[bytes], list[bytes]]
 HeaderList = Sequence[tuple[str, str | bytes]]
