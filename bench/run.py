@@ -435,6 +435,7 @@ class Suite:
     labels: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     loadavg: list[tuple[str, str]] = field(default_factory=list)
+    floors: dict[str, float] = field(default_factory=dict)
 
     def record(self, workload: str, server: str, result: dict[str, Any]) -> None:
         self.results.setdefault(workload, {}).setdefault(server, []).append(result)
@@ -602,6 +603,12 @@ class Suite:
                     self.record("W5", key, result)
         self.mark("end")
         shutil.rmtree(bodies, ignore_errors=True)
+        log("floors: in-process costs per request (bench/floors.py), on the server core")
+        done = subprocess.run(
+            _pinned([PY, str(BENCH / "floors.py"), "--json"], "0", s),
+            capture_output=True, text=True, timeout=300, check=True,
+        )  # fmt: skip
+        self.floors = json.loads(done.stdout)
 
 
 def _brief(result: dict[str, Any]) -> str:
@@ -952,6 +959,21 @@ def report(suite: Suite, conditions: dict[str, Any]) -> tuple[str, dict[str, Any
     if errors:
         summary += ["Errors (failed or wrong responses) during the runs: " + "; ".join(errors), ""]
     lines[summary_at:summary_at] = summary
+    if suite.floors:
+        lines += [
+            "## Floors: CPU per request inside one process (`bench/floors.py`)",
+            "",
+            "No sockets, no event loop: the engine (or h11 alone) driven in a loop on the server",
+            "core, best of 5 rounds. A server that did only this could not exceed the last column.",
+            "",
+            "| what | CPU us | at most per CPU-s |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {micros:.1f} | {1e6 / micros:,.0f} |"
+            for name, micros in suite.floors.items()
+        ]
+        lines.append("")
     data = {
         "conditions": conditions,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(s).items()},
@@ -960,6 +982,7 @@ def report(suite: Suite, conditions: dict[str, Any]) -> tuple[str, dict[str, Any
         "targets": targets,
         "runs": res,
         "loadavg": suite.loadavg,
+        "floors": suite.floors,
     }
     return "\n".join(lines) + "\n", data
 

@@ -32,6 +32,7 @@ class CompletionRun:
             id=completion_id, created=created, model=parsed.request.model
         )
         self._choice_opened = False
+        self._streaming = parsed.stream
         self._content_frame = openai.content_chunk_frame(self._prefix, 0)
         self._text: list[str] = []
         self._calls: list[ToolCall] = []
@@ -48,6 +49,15 @@ class CompletionRun:
 
     def item(self, item: ProviderItem) -> bytes:
         """Take one provider item; return the SSE bytes it produces (``b""`` if none)."""
+        if self._choice_opened and type(item) is TextDelta:
+            # The path of nearly every item (a token of an open choice), checked first.
+            if not item.text:
+                return b""
+            if self._streaming:
+                head, tail = self._content_frame
+                return b"data: " + head + sse.dumps(item.text) + tail + b"\n\n"
+            self._text.append(item.text)  # a stream never needs the whole text again
+            return b""
         if isinstance(item, Finish):
             self._finish = item
             return b""

@@ -220,8 +220,8 @@ class ServerConnection:
                 self._socket.session.provider_chunk(stream_id, item, now)
             self._flush_socket(now)
             return
-        ex = self._active(stream_id)
-        if ex is None or ex.run is None:
+        ex = self._ex  # _active(), inlined: this runs once per token
+        if ex is None or ex.stream_id != stream_id or ex.run is None or self._phase is Phase.CLOSED:
             return
         self._deadline = now + self.config.provider_idle_timeout
         out = ex.run.item(item)
