@@ -32,6 +32,8 @@ class AppSocket:
         new_id: Callable[[], int],
     ) -> None:
         self.config = config
+        self.opened = now
+        self.endpoint = "predict" if predict else "chat"
         self.ws = WebSocketSession(config, now)
         self._encoding: Encoding = "msgpack"
         self._chunks = ChunkEncoder()

@@ -29,6 +29,7 @@ class Endpoint(Enum):
     OPENAPI = "openapi"
     PLAYGROUND = "playground"
     PREFLIGHT = "preflight"
+    METRICS = "metrics"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +53,13 @@ def split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
-def route(method: str, target: str, surface: Surface, *, playground: bool = False) -> Route:
+def route(
+    method: str, target: str, surface: Surface, *, playground: bool = False, metrics: bool = False
+) -> Route:
     """The route for a request, or :class:`RequestError` (404 ``unknown_url`` / 405).
 
     ``playground``: whether ``/`` serves the web playground (only with ``/chat``, on SERVE).
+    ``metrics``: whether ``/metrics`` is served (every surface; never under ``/v1``).
     """
     path, _ = split_target(target)
     if method == "OPTIONS":
@@ -85,6 +89,8 @@ def route(method: str, target: str, surface: Surface, *, playground: bool = Fals
         allowed, found = "GET", Route(Endpoint.MODELS)
     elif bare.startswith("/models/") and len(bare) > len("/models/"):
         allowed, found = "GET", Route(Endpoint.MODEL, unquote(bare[len("/models/") :]))
+    elif path == "/metrics" and metrics:
+        allowed, found = "GET", Route(Endpoint.METRICS)
     elif path == "/openapi.json":
         allowed, found = "GET", Route(Endpoint.OPENAPI)
     elif path == "/" and playground and surface is Surface.SERVE:
