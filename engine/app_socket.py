@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 from .chat_session import ChatSession, Frame
 from .codec import ChunkEncoder, Encoding, FrameDecodeError, decode_frame, encode_frame
-from .config import EngineConfig
+from .config import EngineConfig, StaticKey
 from .events import Output
+from .limits import Admission
 from .predict_session import PredictSession
 from .websocket import WebSocketSession
 
@@ -30,6 +31,8 @@ class AppSocket:
         predict: bool,
         emit: Callable[[Output], None],
         new_id: Callable[[], int],
+        admission: Admission | None = None,
+        key: StaticKey | None = None,
     ) -> None:
         self.config = config
         self.opened = now
@@ -50,6 +53,8 @@ class AppSocket:
                 send_chunk=self._send_chunk,
                 emit=emit,
                 new_id=new_id,
+                admission=admission,
+                key=key,
             )
 
     def receive_data(self, data: bytes, now: float) -> None:

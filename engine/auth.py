@@ -14,7 +14,7 @@ import hmac
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from .config import AuthMode, EngineConfig, token_digest
+from .config import AuthMode, EngineConfig, StaticKey, token_digest
 
 LOCAL_USER = "1"  # NodeTool's user id when auth is not enforced.
 
@@ -23,6 +23,7 @@ LOCAL_USER = "1"  # NodeTool's user id when auth is not enforced.
 class AuthResult:
     user_id: str | None
     failure: str | None = None  # "missing" or "invalid"
+    key: StaticKey | None = None  # the static key that matched: its limits apply
     # supabase mode: the token the auth provider must judge (user_id and failure are None).
     check: str | None = field(default=None, repr=False)
 
@@ -51,12 +52,12 @@ def authenticate(token: str | None, config: EngineConfig) -> AuthResult:
     if token is None:
         return AuthResult(None, "missing")
     digest = token_digest(token)
-    user: str | None = None
+    found: StaticKey | None = None
     for key in config.static_keys:
-        if hmac.compare_digest(digest, key.digest) and user is None:
-            user = key.user_id
-    if user is not None:
-        return AuthResult(user)
+        if hmac.compare_digest(digest, key.digest) and found is None:
+            found = key
+    if found is not None:
+        return AuthResult(found.user_id, key=found)
     if config.auth_mode is AuthMode.SUPABASE and _sendable(token):
         return AuthResult(None, check=token)
     return AuthResult(None, "invalid")

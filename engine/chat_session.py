@@ -35,7 +35,7 @@ from .chat import (
     ToolSpec,
 )
 from .codec import Encoding, chunk_frame
-from .config import EngineConfig
+from .config import EngineConfig, StaticKey
 from .events import (
     CallProvider,
     CancelJob,
@@ -50,6 +50,7 @@ from .events import (
     StartJob,
     UsageReported,
 )
+from .limits import Admission, Ticket
 
 Frame = dict[str, Any]
 
@@ -82,6 +83,7 @@ class _Turn:
     deadline: float | None = None
     workflow_id: str | None = None
     job_id: str | None = None
+    ticket: Ticket | None = None  # the admitted generation, released when the turn ends
     started: float = 0.0  # when the chat message arrived (time to first token)
 
 
@@ -97,9 +99,14 @@ class ChatSession:
         emit: Callable[[Output], None],
         new_id: Callable[[], int],
         send_chunk: Callable[[str, str | None], None] | None = None,
+        admission: Admission | None = None,
+        key: StaticKey | None = None,
     ) -> None:
         self.config = config
         self.user_id = user_id
+        # Every turn is a generation: admitted against the key's limits and the server's.
+        self._admission = admission or Admission(config.max_inflight_generations)
+        self._key = key
         self._send = send
         # A streamed piece of text (``codec.chunk_frame``): the one frame sent per token, so
         # the socket may encode it without a dict per token.
@@ -154,6 +161,7 @@ class ChatSession:
         turn, self._turn = self._turn, None
         if turn is None:
             return
+        self._end(turn)
         if turn.step is Step.GENERATING:
             self._emit(CancelProvider(stream_id=turn.op_id))
         elif turn.step is Step.SERVER_TOOL:
@@ -201,13 +209,18 @@ class ChatSession:
         if not isinstance(thread_id, str) or not thread_id:
             thread_id = "thread_" + secrets.token_hex(12)
         model = frame.get("model")
+        model = model if isinstance(model, str) and model else self.config.default_model
+        ticket = self._admit(model, thread_id, now)
+        if ticket is None:
+            return
         provider = frame.get("provider")
         turn = _Turn(
             thread_id=thread_id,
-            model=model if isinstance(model, str) and model else self.config.default_model,
+            model=model,
             provider=provider if isinstance(provider, str) and provider else None,
             tools=tuple(self._server_tools[name] for name in tools),
             workflow_id=workflow_id,
+            ticket=ticket,
             started=now,
         )
         self._turn = turn
@@ -218,6 +231,40 @@ class ChatSession:
                 op_id=turn.op_id, thread_id=thread_id, user_id=self.user_id, append=(message,)
             )
         )
+
+    def _admit(self, model: str, thread_id: str, now: float) -> Ticket | None:
+        """Admit the turn as a generation, or answer why not (an ``error`` frame; the socket
+        stays open, like NodeTool's other turn errors)."""
+        key = self._key
+        limits = key.limits if key is not None else None
+        if limits is not None and not limits.allows_model(model):
+            self._send(
+                {
+                    "type": "error",
+                    "message": f"This key may not use the model {model}",
+                    "error_type": "model_not_allowed",
+                    "thread_id": thread_id,
+                }
+            )
+            return None
+        admitted = self._admission.admit(key.key_id if key else None, limits, now)
+        if isinstance(admitted, Ticket):
+            return admitted
+        self._send(
+            {
+                "type": "error",
+                "message": admitted.message,
+                "error_type": "rate_limit" if admitted.status == 429 else "overloaded",
+                "retry_after": round(admitted.retry_after, 3),
+                "thread_id": thread_id,
+            }
+        )
+        return None
+
+    def _end(self, turn: _Turn) -> None:
+        """The turn is over, however it ended: its generation is released."""
+        if turn.ticket is not None:
+            self._admission.release(turn.ticket)
 
     # --- answers to what the session asked ---------------------------------------------
 
@@ -266,6 +313,7 @@ class ChatSession:
         if turn is None:
             return
         self._turn = None
+        self._end(turn)
         final: Frame = {
             "type": "message",
             "role": "assistant",
@@ -285,6 +333,7 @@ class ChatSession:
         if turn is None or turn.op_id != op_id or turn.step not in (Step.OPENING, Step.SAVING):
             return
         self._turn = None
+        self._end(turn)
         self._send({"type": "error", "message": message, "thread_id": turn.thread_id})
 
     def provider_chunk(self, stream_id: int, item: ProviderItem, now: float) -> None:
@@ -303,6 +352,8 @@ class ChatSession:
             turn.round_calls.append(item)
         else:
             assert isinstance(item, Finish)
+            if item.usage is not None and turn.ticket is not None:
+                turn.ticket.tokens += item.usage.prompt_tokens + item.usage.completion_tokens
             if item.usage is not None:
                 usage = item.usage
                 self._emit(
@@ -353,6 +404,7 @@ class ChatSession:
         if turn is None:
             return
         self._turn = None
+        self._end(turn)
         self._emit(ProviderFailed(route="chat_ws", model=turn.model, status=error.status))
         frame: Frame = {"type": "error", "message": error.message, "thread_id": turn.thread_id}
         if error.code:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from .chat import ToolSpec, WorkflowSpec
+from .limits import KeyLimits
 from .playground import Playground
 
 
@@ -55,13 +56,21 @@ class StaticKey:
 
     digest: bytes
     user_id: str
+    limits: KeyLimits | None = None  # models, rates and streams this key may use
 
     @classmethod
-    def from_token(cls, token: str, name: str | None = None) -> StaticKey:
+    def from_token(
+        cls, token: str, name: str | None = None, limits: KeyLimits | None = None
+    ) -> StaticKey:
         digest = token_digest(token)
         # The user id is the key's name when it has one, else a stable digest of the token:
         # never the token itself (PROTOCOL.md §3).
-        return cls(digest=digest, user_id=name or "key-" + digest.hex()[:16])
+        return cls(digest=digest, user_id=name or "key-" + digest.hex()[:16], limits=limits)
+
+    @property
+    def key_id(self) -> str:
+        """Names this key's rate-limit state (two keys sharing a name keep their own)."""
+        return self.digest.hex()[:16]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,6 +112,9 @@ class EngineConfig:
     # supabase auth: the longest a request (or a WebSocket, after its 101) waits for the
     # provider's verdict on a token before it is refused as unavailable (503 / close 1011).
     auth_timeout: float = 10.0
+    # Admission control: generations (completions, /chat turns) in flight in one process
+    # before new ones get 503 with Retry-After instead of queueing without bound. 0: none.
+    max_inflight_generations: int = 1024
 
     # Policies.
     surface: Surface = Surface.SERVE
@@ -132,3 +144,5 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.auth_timeout <= 0:
             raise ValueError("auth_timeout must be positive")
+        if self.max_inflight_generations < 0:
+            raise ValueError("max_inflight_generations must not be negative")

@@ -19,6 +19,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from .auth import LOCAL_USER, authenticate, bearer_token, query_token
 from .chat import ChatMessage, ModelInfo, ProviderError, ProviderItem
 from .chat_session import ChatSession
 from .completion import CompletionRun
-from .config import EngineConfig, MetricsAccess
+from .config import EngineConfig, MetricsAccess, StaticKey
 from .errors import RemoteProtocolError, RequestError, request_error_for
 from .events import (
     CallProvider,
@@ -55,6 +56,7 @@ from .events import (
     WebSocketClosed,
 )
 from .http_head import ChunkedBodyCheck, check_request_head
+from .limits import Admission, Ticket
 from .openapi import OPENAPI_JSON
 from .predict_session import PredictSession
 from .routing import Endpoint, Route, route, split_target
@@ -93,6 +95,8 @@ class _Exchange:
     ws_key: bytes | None = None  # a valid WebSocket upgrade's key
     ws_auth_failure: str | None = None  # the 1008 close reason, after the handshake
     ws_close_code: int = 1008  # 1011 when the auth provider could not judge the token
+    key: StaticKey | None = None  # the static key the request came with: its limits apply
+    ticket: Ticket | None = None  # an admitted generation (chat completion), until released
     body: bytearray = field(default_factory=bytearray)
     body_size: int = 0  # counted for every route: the limit holds even for a body we drop
     stream_id: int | None = None
@@ -112,8 +116,13 @@ class _AuthWait:
 
 
 class ServerConnection:
-    def __init__(self, config: EngineConfig, now: float) -> None:
+    def __init__(
+        self, config: EngineConfig, now: float, *, admission: Admission | None = None
+    ) -> None:
+        """``admission``: the rate-limit and in-flight bookkeeping shared by every connection
+        of the server (``limits.Admission``); without one, this connection keeps its own."""
         self.config = config
+        self._admission = admission or Admission(config.max_inflight_generations)
         self._phase = Phase.IDLE
         self._inbuf = bytearray()  # bytes of requests h11 has not been given yet
         self._out = bytearray()
@@ -259,6 +268,7 @@ class ServerConnection:
             self._call_provider(ex, now)
             return
         ex.stream_id = None
+        self._release(ex)  # before the head: its x-ratelimit-* count this request's tokens
         if run.usage.total_tokens:
             self._outputs.append(
                 UsageReported(
@@ -307,6 +317,9 @@ class ServerConnection:
         if ex is None or ex.route is None:
             return
         ex.stream_id = None
+        limits = ex.key.limits if ex.key is not None else None
+        if limits is not None and limits.models:  # a key sees only the models it may use
+            models = [m for m in models if limits.allows_model(m.id)]
         if ex.route.endpoint is Endpoint.MODEL:
             wanted = ex.route.model_id
             match = next((m for m in models if m.id == wanted), None)
@@ -566,7 +579,7 @@ class ServerConnection:
                 ex.ws_key = handshake_key(headers)
                 # NodeTool accepts the handshake, then closes 1008 (PROTOCOL.md §3).
                 result = authenticate(token or query_token(split_target(ex.target)[1]), self.config)
-                ex.user_id = result.user_id
+                ex.user_id, ex.key = result.user_id, result.key
                 if result.check is not None:
                     self._verify(result.check, now)
                 elif result.user_id is None:
@@ -581,7 +594,7 @@ class ServerConnection:
                     self._verify(result.check, now)
                 elif result.user_id is None:
                     raise _auth_error(result.failure or "invalid")
-                ex.user_id = result.user_id
+                ex.user_id, ex.key = result.user_id, result.key
         except RequestError as exc:
             ex.error = exc
         assert self._h11 is not None
@@ -652,8 +665,56 @@ class ServerConnection:
                 self._respond_error(ex, exc, now)
                 return
             ex.body = bytearray()
+            refusal = self._admit(ex, parsed.request.model, now)
+            if refusal is not None:
+                self._respond_error(ex, refusal, now)
+                return
             ex.run = CompletionRun(parsed, completion_id=new_id("chatcmpl-"), created=int(now))
             self._call_provider(ex, now)
+
+    def _admit(self, ex: _Exchange, model: str, now: float) -> RequestError | None:
+        """Admit a chat completion as a generation (``ex.ticket``), or say why not: the
+        key may not use the model (403), is over a limit (429), or the server is full (503)."""
+        limits = ex.key.limits if ex.key is not None else None
+        if limits is not None and not limits.allows_model(model):
+            return RequestError(
+                f"This key may not use the model `{model}`.",
+                status=403,
+                param="model",
+                code="model_not_allowed",
+            )
+        admitted = self._admission.admit(ex.key.key_id if ex.key else None, limits, now)
+        if isinstance(admitted, Ticket):
+            ex.ticket = admitted
+            return None
+        wait = max(admitted.retry_after, 0.001)
+        headers = [
+            ("retry-after", str(max(1, math.ceil(wait)))),
+            ("retry-after-ms", str(max(1, math.ceil(wait * 1000)))),
+        ]
+        if admitted.status == 503:
+            return RequestError(
+                admitted.message,
+                status=503,
+                type="service_unavailable",
+                code="server_overloaded",
+                headers=tuple(headers),
+            )
+        # The x-ratelimit-* headers come with every answer to a limited key (_headers).
+        return RequestError(
+            admitted.message,
+            status=429,
+            type=admitted.kind if admitted.kind != "concurrent" else "requests",
+            code="rate_limit_exceeded",
+            headers=tuple(headers),
+        )
+
+    def _release(self, ex: _Exchange) -> None:
+        ticket, ex.ticket = ex.ticket, None
+        if ticket is not None:
+            if ex.run is not None:
+                ticket.tokens = ex.run.usage.total_tokens
+            self._admission.release(ticket)
 
     def _start_workflow(self, ex: _Exchange, now: float) -> None:
         assert ex.route is not None
@@ -747,7 +808,7 @@ class ServerConnection:
         assert conn is not None
         headers = self._headers(ex, content_type if status != 204 else None, now)
         if ex.route is not None and ex.route.endpoint is Endpoint.PREFLIGHT:
-            headers.append((b"allow", b"GET, POST, OPTIONS"))
+            headers.append((b"allow", ex.route.allow.encode("ascii")))
             headers += self._preflight_headers(ex)
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
         if status != 204:
@@ -781,6 +842,9 @@ class ServerConnection:
         ]
         if content_type is not None:
             headers.insert(0, (b"content-type", content_type))
+        key, route = ex.key, ex.route
+        if key is not None and route is not None and route.endpoint is Endpoint.CHAT_COMPLETIONS:
+            headers += self._admission.headers(key.key_id, key.limits, now)
         allowed = self._allowed_origin(ex)
         if allowed is not None:
             headers += [
@@ -814,6 +878,7 @@ class ServerConnection:
     def _finish_exchange(self, ex: _Exchange, now: float, *, streamed: bool) -> None:
         conn = self._h11
         assert conn is not None
+        self._release(ex)
         path, _ = split_target(ex.target)  # never log a query: it may carry a token
         self._outputs.append(
             RequestCompleted(
@@ -880,10 +945,15 @@ class ServerConnection:
             self._deadline = wait.deadline
             return
         close = None if ex.ws_auth_failure is None else (ex.ws_close_code, ex.ws_auth_failure)
-        self._open_socket(predict, ex.user_id or "", close, now)
+        self._open_socket(predict, ex.user_id or "", close, now, ex.key)
 
     def _open_socket(
-        self, predict: bool, user_id: str, close: tuple[int, str] | None, now: float
+        self,
+        predict: bool,
+        user_id: str,
+        close: tuple[int, str] | None,
+        now: float,
+        key: StaticKey | None = None,
     ) -> None:
         """Start the /chat or /predict session, or close the socket at once (auth failed)."""
         trailing = bytes(self._inbuf)
@@ -896,6 +966,8 @@ class ServerConnection:
             predict=predict,
             emit=self._outputs.append,
             new_id=self._new_stream_id,
+            admission=self._admission,
+            key=key,
         )
         self._socket = socket
         if close is not None:
@@ -991,6 +1063,8 @@ class ServerConnection:
     def _cancel_work(self) -> None:
         self._auth = None  # a verdict arriving later is dropped
         ex = self._ex
+        if ex is not None:
+            self._release(ex)
         if ex is not None and ex.stream_id is not None:
             self._outputs.append(CancelProvider(stream_id=ex.stream_id))
             ex.stream_id = None
@@ -1018,6 +1092,8 @@ class ServerConnection:
     def _close(self) -> None:
         if self._phase is Phase.CLOSED:
             return
+        if self._ex is not None:
+            self._release(self._ex)
         self._set_phase(Input.CLOSE)
         self._deadline = None
         self._shutdown_deadline = None

@@ -112,6 +112,10 @@ def _integer(body: dict[str, Any], key: str, low: int, high: int | None = None) 
     value = body.get(key)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        # JSON Schema (and OpenAI's schema) counts 2.0 as an integer; some clients send one.
+        # is_integer() is False for NaN and the infinities (`1e999` decodes to inf).
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise _invalid_type(key, "an integer", value)
     if value < low or (high is not None and value > high):
@@ -253,11 +257,16 @@ def _tools(body: dict[str, Any]) -> tuple[ToolSpec, ...]:
                 f"Invalid '{where}.function.name': string does not match pattern."
                 " Expected a string that matches the pattern '^[a-zA-Z0-9_-]{1,64}$'.",
             )
-        description = function.get("description") or ""
-        if not isinstance(description, str):
+        # Only null means absent: `false` or `0` is a wrong type, not a missing value.
+        description = function.get("description")
+        if description is None:
+            description = ""
+        elif not isinstance(description, str):
             raise _invalid_type(f"{where}.function.description", "a string", description)
-        parameters = function.get("parameters") or {}
-        if not isinstance(parameters, dict):
+        parameters = function.get("parameters")
+        if parameters is None:
+            parameters = {}
+        elif not isinstance(parameters, dict):
             raise _invalid_type(f"{where}.function.parameters", "an object", parameters)
         specs.append(ToolSpec(name=name, description=description, parameters=parameters))
     return tuple(specs)
@@ -355,16 +364,18 @@ def parse_chat_request(
         ("frequency_penalty", -2.0, 2.0),
     ):
         _number(data, key, low, high)
-    max_tokens = _integer(data, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _integer(data, "max_tokens", 1)
+    # Both are checked; the newer name wins when both are given.
+    max_completion_tokens = _integer(data, "max_completion_tokens", 1)
+    legacy_max_tokens = _integer(data, "max_tokens", 1)
+    max_tokens = max_completion_tokens if max_completion_tokens is not None else legacy_max_tokens
+    logprobs = _boolean(data, "logprobs")
     top_logprobs = _integer(data, "top_logprobs", 0, 20)
-    if top_logprobs is not None and not _boolean(data, "logprobs"):
+    if top_logprobs is not None and not logprobs:
         raise _invalid_value(
             "top_logprobs", "Invalid 'top_logprobs': 'logprobs' must be set to true."
         )
     _boolean(data, "parallel_tool_calls")
-    _integer(data, "seed", -(2**63), 2**63 - 1)
+    seed = _integer(data, "seed", -(2**63), 2**63 - 1)
     response_format = data.get("response_format")
     if response_format is not None:
         if not isinstance(response_format, dict):
@@ -385,6 +396,10 @@ def parse_chat_request(
     if tool_choice == "none":
         tools = ()  # the model may not call tools: do not offer them.
     passthrough = {k: v for k, v in data.items() if k not in _CONSUMED and v is not None}
+    # Integer fields the provider receives go as integers, even when sent as 2.0.
+    for key, number in (("seed", seed), ("top_logprobs", top_logprobs)):
+        if number is not None:
+            passthrough[key] = number
     request = ChatRequest(
         model=model or default_model or "",
         messages=messages,

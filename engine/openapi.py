@@ -47,7 +47,8 @@ a failure is a 401 with `WWW-Authenticate: Bearer`. With `supabase`, a token Sup
 could not judge (unreachable, failing or too slow) is a 503 `auth_unavailable` with \
 `retry-after`, never a pass. With `local` or `none` (the default) nothing is checked.
 * **CORS.** `OPTIONS` on any path is a CORS preflight (204), answered without \
-authentication.
+authentication. Its `Allow` names the path's methods (`GET, HEAD, OPTIONS` or `POST, \
+OPTIONS`, as a 405 does); on a path that names no endpoint, every method the server has.
 * **Errors.** Every error is OpenAI's envelope `{"error": {"message", "type", "param", \
 "code"}}` (`code` a string or null) plus `"detail"` (the same message, for NodeTool \
 clients). An unknown path is a 404 `unknown_url`; a wrong method a 405 with `Allow`.
@@ -711,7 +712,12 @@ _COMMON_HEADERS = {
 
 _ERRORS: dict[str, tuple[str, str, dict[str, Schema]]] = {
     # name: (status, description, headers beyond the common ones)
-    "BadRequest": ("400", "The request is malformed or a field is invalid (`param` names it).", {}),
+    "BadRequest": (
+        "400",
+        "The request is malformed or a field is invalid (`param` names it). JSON nested more"
+        " than 64 levels deep (`--max-depth`) is refused too, wherever it is.",
+        {},
+    ),
     "Unauthorized": (
         "401",
         "Missing or invalid bearer token (`code: invalid_api_key`).",

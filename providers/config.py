@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wirechat.engine.config import StaticKey
+from wirechat.engine.limits import KeyLimits
+
 from .base import ChatProvider
 from .echo import EchoProvider
 from .registry import ProviderRouter
@@ -57,6 +60,19 @@ api_key_env = "ANTHROPIC_API_KEY"
 
 [fallbacks]                     # tried in order when a model fails before its first token
 "gpt-4o-mini" = ["anthropic/claude-3-5-haiku-latest", "ollama/llama3.2"]
+
+# API keys (--auth-provider static or supabase), accepted beside WORKER_AUTH_TOKEN.
+[[keys]]
+name = "alice"                  # the user id: owns alice's /chat threads and jobs
+token_env = "ALICE_KEY"         # or: token = "..." (keep secrets out of files you share)
+models = ["echo", "fast", "openai/*"]  # optional: the models this key may use (* = prefix)
+requests_per_minute = 60        # optional limits, each a token bucket refilled per minute
+tokens_per_minute = 40000       # prompt + completion tokens, as the provider counts them
+concurrent_streams = 4          # generations (completions, /chat turns) at the same time
+
+[[keys]]
+name = "ci"
+token_env = "CI_KEY"
 """
 
 _KINDS = ("openai", "anthropic", "echo", "local")
@@ -180,6 +196,56 @@ def _provider_from_table(name: str, table: Any, env: Mapping[str, str]) -> Provi
     )
 
 
+_KEY_LIMITS = ("requests_per_minute", "tokens_per_minute", "concurrent_streams")
+
+
+def load_keys(
+    config_path: str | None, env: Mapping[str, str] | None = None
+) -> tuple[StaticKey, ...]:
+    """The ``[[keys]]`` of a config file: static API keys with their names and limits."""
+    if not config_path:
+        return ()
+    env = os.environ if env is None else env
+    tables = _read_toml(config_path).get("keys", [])
+    if not isinstance(tables, list):
+        raise ConfigError("keys must be an array of tables: [[keys]]")
+    keys: list[StaticKey] = []
+    for number, table in enumerate(tables, 1):
+        where = f"[[keys]] #{number}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(table) - {"name", "token", "token_env", "models", *_KEY_LIMITS}
+        if unknown:
+            raise ConfigError(f"{where} has unknown fields: {', '.join(sorted(unknown))}")
+        token = table.get("token")
+        if token is None and isinstance(table.get("token_env"), str):
+            token = env.get(table["token_env"]) or None
+        if not isinstance(token, str) or not token.strip():
+            raise ConfigError(f"{where} needs token, or token_env naming a set variable")
+        name = table.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError(f"{where} name must be a non-empty string")
+        models = table.get("models", [])
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise ConfigError(f"{where} models must be a list of model ids")
+        numbers = {limit: table.get(limit) for limit in _KEY_LIMITS}
+        for limit, value in numbers.items():
+            if value is not None and (type(value) is not int or value < 1):
+                raise ConfigError(f"{where} {limit} must be a whole number of at least 1")
+        limits = KeyLimits(models=tuple(models), **numbers)
+        keys.append(StaticKey.from_token(token.strip(), name, limits))
+    return tuple(keys)
+
+
+def _read_toml(config_path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path} is not valid TOML: {exc}") from None
+
+
 def load_settings(
     config_path: str | None,
     env: Mapping[str, str] | None = None,
@@ -198,12 +264,7 @@ def load_settings(
     fallbacks: dict[str, tuple[str, ...]] = {}
     file_default: str | None = None
     if config_path:
-        try:
-            data = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read {config_path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{config_path} is not valid TOML: {exc}") from None
+        data = _read_toml(config_path)
         tables = data.get("providers", {})
         if not isinstance(tables, dict):
             raise ConfigError("[providers] must be a table of tables")

@@ -34,6 +34,7 @@ from wirechat.engine import (
     RequestCompleted,
     ServerConnection,
 )
+from wirechat.engine.limits import Admission
 
 Splitter = Callable[[bytes], list[bytes]]
 HeaderList = Sequence[tuple[str, str | bytes]]
@@ -205,11 +206,12 @@ class EnginePeer:
         *,
         now: float = 1_700_000_000.0,
         split: Splitter = whole,
+        admission: Admission | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.now = now
         self.split = split
-        self.server = ServerConnection(self.config, now)
+        self.server = ServerConnection(self.config, now, admission=admission)
         self.client = h11.Connection(h11.CLIENT)
         self.wire = bytearray()  # every byte the server wrote, in order
         self.effects: list[Output] = []  # every effect and notice, in order

@@ -288,6 +288,9 @@ def test_unknown_path_405_and_preflight(server: ServerProcess) -> None:
         )
         preflight = conn.read_response()
         assert preflight.status in (200, 204)
+        assert preflight.header("allow") == "POST, OPTIONS"
+        conn.send(request("OPTIONS", "/v1/models"))
+        assert conn.read_response().header("allow") == "GET, HEAD, OPTIONS"
         conn.send(request("GET", "/v1/models/echo"))
         assert conn.read_response().json()["id"] == "echo"
 

@@ -693,6 +693,77 @@ def test_options_preflight_needs_no_auth(target: str) -> None:
     assert peer.calls == [] and not peer.transport_closed()
 
 
+def _methods(header: str | None) -> set[str]:
+    return {m.strip() for m in (header or "").split(",")} - {""}
+
+
+GET_ALLOW = {"GET", "HEAD", "OPTIONS"}
+POST_ALLOW = {"POST", "OPTIONS"}
+ANY_ALLOW = {"GET", "HEAD", "POST", "OPTIONS"}
+
+
+@pytest.mark.parametrize(
+    ("target", "allowed"),
+    [
+        ("/v1/models", GET_ALLOW),
+        ("/models/", GET_ALLOW),
+        ("/v1/models/echo", GET_ALLOW),
+        ("/v1/models/meta-llama%2FLlama", GET_ALLOW),
+        ("/v1/chat/completions", POST_ALLOW),
+        ("/chat/completions/", POST_ALLOW),
+        ("/health", GET_ALLOW),
+        ("/ping?x=1", GET_ALLOW),
+        ("/openapi.json", GET_ALLOW),
+        ("/workflows", GET_ALLOW),
+        ("/workflows/summarize/run", POST_ALLOW),
+        ("/workflows/summarize/run/stream", POST_ALLOW),
+        ("/chat", GET_ALLOW),
+        ("/predict", GET_ALLOW),
+        # No endpoint there: every method the server has (see routing.ANY_PATH_ALLOW).
+        ("/v1/nope", ANY_ALLOW),
+        ("*", ANY_ALLOW),
+    ],
+)
+def test_options_allow_lists_the_methods_of_the_path(target: str, allowed: set[str]) -> None:
+    peer = EnginePeer(STATIC)
+    peer.request("OPTIONS", target)
+    reply = peer.last_reply()
+    assert reply.status == 204
+    assert _methods(reply.header("allow")) == allowed
+    assert reply.header("www-authenticate") is None
+    assert peer.calls == [] and not peer.transport_closed()
+
+
+def test_options_allow_follows_the_surface() -> None:
+    # The chat server has no /chat, /ping or workflows: OPTIONS there is an unknown path's.
+    peer = EnginePeer(EngineConfig(surface=Surface.CHAT_SERVER))
+    for target in ("/chat", "/ping", "/workflows"):
+        peer.request("OPTIONS", target)
+        assert _methods(peer.last_reply().header("allow")) == ANY_ALLOW, target
+    peer.request("OPTIONS", "/v1/models")
+    assert _methods(peer.last_reply().header("allow")) == GET_ALLOW
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [
+        ("POST", "/v1/models"),
+        ("DELETE", "/v1/models/echo"),
+        ("GET", "/v1/chat/completions"),
+        ("PUT", "/workflows/summarize/run"),
+        ("POST", "/chat"),
+    ],
+)
+def test_405_allow_is_the_options_allow(method: str, target: str) -> None:
+    peer = EnginePeer()
+    peer.request(method, target, body=b"{}" if method in ("POST", "PUT") else b"")
+    refused = peer.last_reply()
+    assert refused.status == 405
+    peer.request("OPTIONS", target)
+    assert _methods(refused.header("allow")) == _methods(peer.last_reply().header("allow"))
+    assert method not in _methods(refused.header("allow"))
+
+
 def test_options_preflight_with_cors_origins_reflects_requested_headers() -> None:
     config = dataclasses.replace(STATIC, cors_origins=("https://app.example",))
     peer = EnginePeer(config)
@@ -712,6 +783,7 @@ def test_options_preflight_with_cors_origins_reflects_requested_headers() -> Non
     assert reply.header("access-control-allow-headers") == asked
     methods = {m.strip() for m in (reply.header("access-control-allow-methods") or "").split(",")}
     assert {"POST", "GET", "OPTIONS"} <= methods
+    assert _methods(reply.header("allow")) == POST_ALLOW
     assert reply.header("access-control-allow-credentials") is None
 
     # An origin that is not configured gets no CORS grant.

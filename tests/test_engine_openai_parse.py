@@ -15,7 +15,7 @@ import pytest
 from engine_peer import EnginePeer, chat_body
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wirechat.engine import RequestError
+from wirechat.engine import Finish, RequestError, TextDelta, Usage
 from wirechat.engine.openai import ParsedChatRequest, parse_chat_request
 
 USER = {"role": "user", "content": "hi"}
@@ -286,6 +286,17 @@ def test_tool_and_function_messages() -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": "10"}, "max_tokens"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"seed": 1.5}, "seed"),
+        ({"n": 1e300}, "n"),
+        # max_tokens is checked even when max_completion_tokens (which wins) is present.
+        ({"max_tokens": 0, "max_completion_tokens": 5}, "max_tokens"),
+        ({"max_tokens": "10", "max_completion_tokens": 5}, "max_tokens"),
+        ({"max_tokens": 5, "max_completion_tokens": 0}, "max_completion_tokens"),
+        # logprobs is checked with or without top_logprobs.
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"logprobs": "yes", "top_logprobs": 2}, "logprobs"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": [1]}, "stop"),
         ({"stop": 5}, "stop"),
@@ -338,6 +349,49 @@ def test_in_range_values_are_accepted(fields: dict[str, Any]) -> None:
     parse(**fields)
 
 
+@pytest.mark.parametrize("field", ["n", "max_tokens", "max_completion_tokens", "seed"])
+@pytest.mark.parametrize("raw", ["1e999", "-1e999"])
+def test_infinite_integer_is_400(field: str, raw: str) -> None:
+    # `1e999` is valid JSON and decodes to inf: never a whole number (refused on decoding).
+    body = chat_body()[:-1] + f', "{field}": {raw}}}'.encode()
+    rejected(body)
+    end_to_end(body, None)
+
+
+def test_whole_number_floats_are_integers() -> None:
+    # OpenAI types these fields as integer, and JSON Schema counts 2.0 as an integer.
+    parsed = parse(n=2.0, max_tokens=5.0, seed=7.0, logprobs=True, top_logprobs=3.0)
+    assert parsed.n == 2 and type(parsed.n) is int
+    assert parsed.request.max_tokens == 5 and type(parsed.request.max_tokens) is int
+    # Passed on to the provider as integers, as sent by a client that writes 7 as 7.
+    options = parsed.request.options
+    assert options["seed"] == 7 and type(options["seed"]) is int
+    assert options["top_logprobs"] == 3 and type(options["top_logprobs"]) is int
+    assert parse(max_completion_tokens=1.0).request.max_tokens == 1
+    assert parse(seed=-9.0e18).request.options["seed"] == -9 * 10**18
+
+
+def test_whole_number_floats_end_to_end() -> None:
+    peer = EnginePeer()
+    first = peer.chat(n=2.0, max_completion_tokens=4.0, max_tokens=9.0)
+    assert first.request.max_tokens == 4 and type(first.request.max_tokens) is int
+    peer.answer(
+        first.stream_id,
+        TextDelta(text="one"),
+        Finish(usage=Usage(prompt_tokens=1, completion_tokens=1)),
+    )
+    second = peer.calls[-1]
+    assert second.stream_id != first.stream_id  # n=2.0 is two choices
+    peer.answer(
+        second.stream_id,
+        TextDelta(text="two"),
+        Finish(usage=Usage(prompt_tokens=1, completion_tokens=1)),
+    )
+    reply = peer.last_reply()
+    assert reply.status == 200
+    assert [c["message"]["content"] for c in reply.json["choices"]] == ["one", "two"]
+
+
 def test_n_is_kept_for_the_engine_and_defaults_to_one() -> None:
     assert parse().n == 1
     assert parse(n=None).n == 1
@@ -385,12 +439,34 @@ def test_max_completion_tokens_reaches_the_provider() -> None:
             [{"type": "function", "function": {"name": "f", "parameters": "{}"}}],
             "tools.[0].function.parameters",
         ),
+        # Falsy values are wrong types too, not "absent": only null is absent.
+        *(
+            (
+                [WEATHER_TOOL, {"type": "function", "function": {"name": "f", key: value}}],
+                f"tools.[1].function.{key}",
+            )
+            for key in ("description", "parameters")
+            for value in (False, 0, [], 0.0)
+        ),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {}, "description": 1}}],
+            "tools.[0].function.description",
+        ),
     ],
 )
 def test_bad_tools_are_400(tools: Any, param: str) -> None:
     body = chat_body(tools=tools)
     assert rejected(body).param == param
     end_to_end(body, param)
+
+
+def test_tool_description_and_parameters_null_or_empty_are_absent() -> None:
+    for function in (
+        {"name": "f", "description": None, "parameters": None},
+        {"name": "f", "description": "", "parameters": {}},
+    ):
+        (tool,) = parse(tools=[{"type": "function", "function": function}]).request.tools
+        assert (tool.description, tool.parameters) == ("", {})
 
 
 def test_good_tool_names() -> None:

@@ -76,7 +76,7 @@ def test_other_methods_are_405() -> None:
     peer.request("POST", "/", [("Content-Type", "text/plain")], b"x")
     reply = peer.last_reply()
     assert reply.status == 405
-    assert reply.header("allow") == "GET, OPTIONS"
+    assert reply.header("allow") == "GET, HEAD, OPTIONS"
 
 
 @pytest.mark.parametrize("target", ["/v1/", "/index.html", "//"])

@@ -71,7 +71,7 @@ class EngineProtocol(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = asyncio.get_running_loop()
-        self._conn = ServerConnection(server.config, time.time())
+        self._conn = ServerConnection(server.config, time.time(), admission=server.admission)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None

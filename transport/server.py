@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from wirechat.engine import AuthMode, EngineConfig, MetricsAccess
 from wirechat.engine.chat import WorkflowSpec
+from wirechat.engine.limits import Admission
 from wirechat.providers.jobs import JobManager
 from wirechat.providers.registry import ProviderRouter
 from wirechat.providers.supabase_auth import TokenVerifier
@@ -69,6 +70,8 @@ class Server:
                 for w in self.workflows.list()
             ),
         )
+        # Rate limits and in-flight generations, shared by every connection of this process.
+        self.admission = Admission(self.config.max_inflight_generations)
         self.connections: set[EngineProtocol] = set()
         # The wirechat.access lines: "plain", "json" (one JSON object a line) or "off".
         self.access_log = access_log

@@ -48,6 +48,7 @@ _LIMIT_FLAGS: tuple[tuple[str, str, type], ...] = (
     ("--send-timeout", "send_timeout", float),
     ("--provider-first-item-timeout", "provider_first_item_timeout", float),
     ("--provider-idle-timeout", "provider_idle_timeout", float),
+    ("--max-inflight-generations", "max_inflight_generations", int),
 )
 
 
@@ -210,10 +211,14 @@ def build_config(args: argparse.Namespace) -> EngineConfig:
     except ValueError:
         mode = AuthMode.LOCAL  # NodeTool treats an unknown value as local
     tokens = [t.strip() for t in (_env("WORKER_AUTH_TOKEN") or "").split(",") if t.strip()]
+    keys = config_keys(args)
     if mode is AuthMode.SUPABASE:
         supabase_settings(args)  # refuse to start now, with a clear message, if incomplete
-    if mode is AuthMode.STATIC and not tokens:
-        raise UsageError("--auth-provider static needs WORKER_AUTH_TOKEN (comma-separated tokens)")
+    if mode is AuthMode.STATIC and not tokens and not keys:
+        raise UsageError(
+            "--auth-provider static needs WORKER_AUTH_TOKEN (comma-separated tokens)"
+            " or [[keys]] in the --config file"
+        )
     if surface is Surface.WORKER and not mode.enforced and args.auth_provider != "none":
         raise UsageError(
             "wirechat worker refuses to start without auth: set WORKER_AUTH_TOKEN and"
@@ -228,12 +233,22 @@ def build_config(args: argparse.Namespace) -> EngineConfig:
         metrics=MetricsAccess.PUBLIC if args.metrics_public else metrics,
         surface=surface,
         auth_mode=mode,
-        static_keys=tuple(StaticKey.from_token(t) for t in tokens),
+        static_keys=(*(StaticKey.from_token(t) for t in tokens), *keys),
         default_model=args.default_model or _env("DEFAULT_MODEL") or "echo",
         cors_origins=tuple(o.strip() for o in cors.split(",") if o.strip()),
         playground=None if args.no_playground else playground.load(),
         **{k: v for k, v in limits.items() if v is not None},
     )
+
+
+def config_keys(args: argparse.Namespace) -> tuple[StaticKey, ...]:
+    """The API keys (names, models, limits) of the ``--config`` file's ``[[keys]]``."""
+    from wirechat.providers.config import ConfigError, load_keys
+
+    try:
+        return load_keys(args.config or _env("WIRECHAT_CONFIG"))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
