@@ -15,7 +15,7 @@ from .chat import (
     ToolSpec,
     Usage,
 )
-from .config import AuthMode, EngineConfig, StaticKey, Surface
+from .config import AuthMode, EngineConfig, MetricsAccess, StaticKey, Surface
 from .connection import ServerConnection
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, RequestError
 from .events import (
@@ -45,6 +45,7 @@ __all__ = [
     "Finish",
     "ListModels",
     "LocalProtocolError",
+    "MetricsAccess",
     "ModelInfo",
     "Notice",
     "Output",

@@ -35,6 +35,8 @@ class AppSocket:
         key: StaticKey | None = None,
     ) -> None:
         self.config = config
+        self.opened = now
+        self.endpoint = "predict" if predict else "chat"
         self.ws = WebSocketSession(config, now)
         self._encoding: Encoding = "msgpack"
         self._chunks = ChunkEncoder()

@@ -41,11 +41,14 @@ from .events import (
     CancelJob,
     CancelProvider,
     CancelTool,
+    FirstTokenSent,
     OpenThread,
     Output,
+    ProviderFailed,
     RunTool,
     SaveMessages,
     StartJob,
+    UsageReported,
 )
 from .limits import Admission, Ticket
 
@@ -81,6 +84,7 @@ class _Turn:
     workflow_id: str | None = None
     job_id: str | None = None
     ticket: Ticket | None = None  # the admitted generation, released when the turn ends
+    started: float = 0.0  # when the chat message arrived (time to first token)
 
 
 class ChatSession:
@@ -112,6 +116,7 @@ class ChatSession:
         self._server_tools = {spec.name: spec for spec in config.server_tools}
         self._client_tools: dict[str, ToolSpec] = {}
         self._turn: _Turn | None = None
+        self.turns = 0  # turns started on this socket (its closing log line)
 
     @property
     def busy(self) -> bool:
@@ -216,8 +221,10 @@ class ChatSession:
             tools=tuple(self._server_tools[name] for name in tools),
             workflow_id=workflow_id,
             ticket=ticket,
+            started=now,
         )
         self._turn = turn
+        self.turns += 1
         turn.op_id = self._new_id()
         self._emit(
             OpenThread(
@@ -336,6 +343,8 @@ class ChatSession:
         turn.deadline = now + self.config.provider_idle_timeout
         if isinstance(item, TextDelta):
             if item.text:
+                if not turn.text:  # the turn's first text: once per turn, not per token
+                    self._emit(FirstTokenSent(route="chat_ws", waited=now - turn.started))
                 turn.text.append(item.text)
                 turn.round_text.append(item.text)
                 self._send_chunk(item.text, turn.thread_id)
@@ -345,6 +354,16 @@ class ChatSession:
             assert isinstance(item, Finish)
             if item.usage is not None and turn.ticket is not None:
                 turn.ticket.tokens += item.usage.prompt_tokens + item.usage.completion_tokens
+            if item.usage is not None:
+                usage = item.usage
+                self._emit(
+                    UsageReported(
+                        route="chat_ws",
+                        model=turn.model,
+                        prompt_tokens=usage.prompt_tokens,
+                        completion_tokens=usage.completion_tokens,
+                    )
+                )
 
     def provider_done(self, stream_id: int, now: float) -> None:
         turn = self._waiting(stream_id, Step.GENERATING)
@@ -386,6 +405,7 @@ class ChatSession:
             return
         self._turn = None
         self._end(turn)
+        self._emit(ProviderFailed(route="chat_ws", model=turn.model, status=error.status))
         frame: Frame = {"type": "error", "message": error.message, "thread_id": turn.thread_id}
         if error.code:
             frame["error_type"] = error.code

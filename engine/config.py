@@ -29,6 +29,14 @@ class AuthMode(StrEnum):
         return self in (AuthMode.STATIC, AuthMode.SUPABASE)
 
 
+class MetricsAccess(StrEnum):
+    """Who may read ``GET /metrics``."""
+
+    OFF = "off"  # not served: a 404
+    AUTH = "auth"  # the same auth as the API (none needed unless auth is enforced)
+    PUBLIC = "public"  # no auth, like /health
+
+
 class Surface(StrEnum):
     """Which set of endpoints a server exposes (one per CLI command)."""
 
@@ -123,6 +131,8 @@ class EngineConfig:
     # The web page served at GET / on the `serve` surface (the CLI loads it unless
     # --no-playground); None leaves / a 404.
     playground: Playground | None = None
+    # GET /metrics (Prometheus text, rendered by the transport through RenderMetrics).
+    metrics: MetricsAccess = MetricsAccess.AUTH
 
     def __post_init__(self) -> None:
         if self.max_head_bytes < 256:

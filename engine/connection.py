@@ -36,7 +36,7 @@ from .auth import LOCAL_USER, authenticate, bearer_token, query_token
 from .chat import ChatMessage, ModelInfo, ProviderError, ProviderItem
 from .chat_session import ChatSession
 from .completion import CompletionRun
-from .config import EngineConfig, StaticKey
+from .config import EngineConfig, MetricsAccess, StaticKey
 from .errors import RemoteProtocolError, RequestError, request_error_for
 from .events import (
     CallProvider,
@@ -44,11 +44,16 @@ from .events import (
     CancelProvider,
     CloseTransport,
     ConnectionFailed,
+    FirstTokenSent,
     ListModels,
     Output,
+    ProviderFailed,
+    RenderMetrics,
     RequestCompleted,
     StartJob,
+    UsageReported,
     VerifyToken,
+    WebSocketClosed,
 )
 from .http_head import ChunkedBodyCheck, check_request_head
 from .limits import Admission, Ticket
@@ -178,6 +183,22 @@ class ServerConnection:
     def phase(self) -> Phase:
         return self._phase
 
+    # --- what is in progress, for a metrics scrape (read-only) ---------------------------
+
+    @property
+    def websocket(self) -> str | None:
+        """``"chat"`` or ``"predict"`` while a WebSocket session is open, else ``None``."""
+        socket = self._socket
+        return socket.endpoint if socket is not None and not self.closed else None
+
+    @property
+    def streams(self) -> int:
+        """Answers streaming right now: an SSE response under way, or a ``/chat`` turn."""
+        if self._phase is Phase.STREAMING:
+            return 1
+        socket = self._socket
+        return int(socket is not None and not self.closed and socket.session.busy)
+
     # --- inputs from the socket -----------------------------------------------------
 
     def receive_data(self, data: bytes, now: float) -> None:
@@ -209,7 +230,7 @@ class ServerConnection:
         if self._socket is not None:
             self._socket.session.close()
         self._cancel_work()
-        self._close()
+        self._close_socket(now)
 
     # --- inputs from providers ------------------------------------------------------
 
@@ -248,6 +269,15 @@ class ServerConnection:
             return
         ex.stream_id = None
         self._release(ex)  # before the head: its x-ratelimit-* count this request's tokens
+        if run.usage.total_tokens:
+            self._outputs.append(
+                UsageReported(
+                    route=Endpoint.CHAT_COMPLETIONS.value,
+                    model=run.parsed.request.model,
+                    prompt_tokens=run.usage.prompt_tokens,
+                    completion_tokens=run.usage.completion_tokens,
+                )
+            )
         if run.stream:
             self._stream(ex, run.stream_end(), now)
             self._end_stream(ex, now)
@@ -266,6 +296,13 @@ class ServerConnection:
         if ex is None:
             return
         ex.stream_id = None
+        self._outputs.append(
+            ProviderFailed(
+                route=ex.route.endpoint.value if ex.route is not None else "unknown",
+                model=ex.run.parsed.request.model if ex.run is not None else "",
+                status=error.status,
+            )
+        )
         if self._phase is Phase.STREAMING and ex.run is not None:
             # The 200 is out: the failure travels in the stream (reference §4.4).
             self._stream(ex, ex.run.error_events(error), now)
@@ -292,6 +329,15 @@ class ServerConnection:
                 self._respond(ex, 200, sse.dumps(openai.model_body(match)), now)
         else:
             self._respond(ex, 200, sse.dumps(openai.model_list_body(list(models))), now)
+        self._advance(now)
+
+    def metrics_rendered(self, stream_id: int, body: bytes, content_type: str, now: float) -> None:
+        """The answer to ``RenderMetrics(stream_id)``: the exposition and its media type."""
+        ex = self._active(stream_id)
+        if ex is None:
+            return
+        ex.stream_id = None
+        self._respond(ex, 200, body, now, content_type=content_type.encode("latin-1"))
         self._advance(now)
 
     def thread_opened(self, op_id: int, history: Sequence[ChatMessage], now: float) -> None:
@@ -434,7 +480,7 @@ class ServerConnection:
         if self._socket is not None:
             self._socket.close(1001, "server shutting down", now)
             self._out += self._socket.ws.data_to_send()
-            self._close()
+            self._close_socket(now)
             return
         ex = self._ex
         self._cancel_work()
@@ -519,6 +565,7 @@ class ServerConnection:
                 ex.target,
                 self.config.surface,
                 playground=self.config.playground is not None,
+                metrics=self.config.metrics is not MetricsAccess.OFF,
             )
             if self._shutdown_deadline is not None:
                 raise RequestError(
@@ -538,7 +585,10 @@ class ServerConnection:
                 elif result.user_id is None:
                     missing = result.failure == "missing"
                     ex.ws_auth_failure = f"{'Missing' if missing else 'Invalid'} authentication"
-            elif not ex.route.public:
+            elif not ex.route.public and not (
+                ex.route.endpoint is Endpoint.METRICS
+                and self.config.metrics is MetricsAccess.PUBLIC
+            ):
                 result = authenticate(token, self.config)
                 if result.check is not None:
                     self._verify(result.check, now)
@@ -598,6 +648,10 @@ class ServerConnection:
             self._respond(ex, 200, sse.dumps({"workflows": listing}), now)
         elif endpoint in (Endpoint.WORKFLOW_RUN, Endpoint.WORKFLOW_STREAM):
             self._start_workflow(ex, now)
+        elif endpoint is Endpoint.METRICS:
+            ex.stream_id = self._new_stream_id()
+            self._outputs.append(RenderMetrics(stream_id=ex.stream_id))
+            self._deadline = now + self.config.provider_first_item_timeout
         elif endpoint in (Endpoint.MODELS, Endpoint.MODEL):
             ex.stream_id = self._new_stream_id()
             self._outputs.append(
@@ -718,6 +772,9 @@ class ServerConnection:
             self._out += conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
             self._set_phase(Input.RESPONSE_STARTED)
             ex.status = 200
+            if ex.run is not None:  # a completion (not a workflow's event stream)
+                route = Endpoint.CHAT_COMPLETIONS.value
+                self._outputs.append(FirstTokenSent(route=route, waited=now - ex.started))
         if data:
             self._out += conn.send(h11.Data(data=data))
 
@@ -832,6 +889,7 @@ class ServerConnection:
                 duration=max(0.0, now - ex.started),
                 streamed=streamed,
                 user_id=ex.user_id,
+                route=ex.route.endpoint.value if ex.route is not None else "unknown",
             )
         )
         self._ex = None
@@ -871,6 +929,7 @@ class ServerConnection:
                 request_id=ex.request_id,
                 duration=0.0,
                 user_id=ex.user_id,
+                route=ex.route.endpoint.value if ex.route is not None else "unknown",
             )
         )
         self._inbuf[:0] = conn.trailing_data[0]  # the client's first frames, if any
@@ -930,7 +989,7 @@ class ServerConnection:
         self._out += socket.ws.data_to_send()
         if socket.ws.transport_done:
             socket.session.close()
-            self._close()
+            self._close_socket(now)
 
     # --- the auth provider's verdict ---------------------------------------------------
 
@@ -1013,6 +1072,22 @@ class ServerConnection:
             # A workflow run over HTTP belongs to its request (unlike a /predict job).
             self._outputs.append(CancelJob(job_id=ex.job_id, user_id=ex.user_id or LOCAL_USER))
             ex.job_id = None
+
+    def _close_socket(self, now: float) -> None:
+        """Close a connection that holds a WebSocket session: its end is one notice."""
+        socket = self._socket
+        if socket is not None and self._phase is not Phase.CLOSED:
+            session = socket.session
+            self._outputs.append(
+                WebSocketClosed(
+                    endpoint=socket.endpoint,
+                    duration=max(0.0, now - socket.opened),
+                    code=socket.ws.close_code,
+                    turns=session.turns if isinstance(session, ChatSession) else 0,
+                    user_id=session.user_id or None,
+                )
+            )
+        self._close()
 
     def _close(self) -> None:
         if self._phase is Phase.CLOSED:

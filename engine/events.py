@@ -127,6 +127,14 @@ class VerifyToken:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RenderMetrics:
+    """Render the server's metrics (Prometheus text format) for ``GET /metrics``; answer
+    with ``metrics_rendered(stream_id, body, content_type)``, on the spot if possible."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CloseTransport:
     """Close the socket once ``data_to_send()`` has been written (``abort``: drop it now,
     without flushing, so the peer sees a truncated response)."""
@@ -145,6 +153,9 @@ class RequestCompleted:
     duration: float
     streamed: bool = False
     user_id: str | None = None
+    # The endpoint's name (``routing.Endpoint`` value), "unknown" for an unrouted target:
+    # a bounded label for metrics, unlike the path.
+    route: str = "unknown"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +164,50 @@ class ConnectionFailed:
 
     reason: str
     status: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FirstTokenSent:
+    """The first content of an answer went out, ``waited`` seconds after the request (a
+    streamed completion: its response head, with the first item) or the chat message (a
+    ``/chat`` turn: its first text chunk) arrived. Once per answer, never per token."""
+
+    route: str
+    waited: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageReported:
+    """A provider reported the token usage of a completion (HTTP: once per request, all
+    choices summed) or of one model call of a ``/chat`` turn."""
+
+    route: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderFailed:
+    """A model call (or model listing, with ``model`` empty) failed with the upstream
+    ``status`` (504: the engine's own timeout); the client has been told."""
+
+    route: str
+    model: str
+    status: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebSocketClosed:
+    """A ``/chat`` or ``/predict`` session ended after ``duration`` seconds: ``code`` is the
+    close code sent or received (1006: the socket went away without one), ``turns`` the
+    chat turns started on it."""
+
+    endpoint: str
+    duration: float
+    code: int
+    turns: int = 0
+    user_id: str | None = None
 
 
 Effect = (
@@ -167,7 +222,15 @@ Effect = (
     | JobCommand
     | CancelJob
     | VerifyToken
+    | RenderMetrics
     | CloseTransport
 )
-Notice = RequestCompleted | ConnectionFailed
+Notice = (
+    RequestCompleted
+    | ConnectionFailed
+    | FirstTokenSent
+    | UsageReported
+    | ProviderFailed
+    | WebSocketClosed
+)
 Output = Effect | Notice

@@ -1008,6 +1008,25 @@ def _paths() -> dict[str, Schema]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "tags": ["Meta"],
+                "operationId": "getMetrics",
+                "summary": "The server's metrics, in the Prometheus text format.",
+                "description": "Requests by endpoint and status, latency and time to first"
+                " token, tokens by model, provider errors, open WebSockets, streams and jobs"
+                " (README: Observability). The API's authentication applies unless the server"
+                " runs with `--metrics-public`; with `--no-metrics` this is a 404. Each"
+                " `--workers` process answers with its own counts.",
+                "responses": {
+                    "200": _ok(
+                        "The exposition.",
+                        {"text/plain": {"schema": {"type": "string"}}},
+                    ),
+                    **_errors(*secured),
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "tags": ["Meta"],

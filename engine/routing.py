@@ -29,6 +29,7 @@ class Endpoint(Enum):
     OPENAPI = "openapi"
     PLAYGROUND = "playground"
     PREFLIGHT = "preflight"
+    METRICS = "metrics"
 
 
 # What an OPTIONS request (or a 405) names as allowed. HEAD is answered wherever GET is.
@@ -63,13 +64,16 @@ def split_target(target: str) -> tuple[str, str]:
     return path, query
 
 
-def route(method: str, target: str, surface: Surface, *, playground: bool = False) -> Route:
+def route(
+    method: str, target: str, surface: Surface, *, playground: bool = False, metrics: bool = False
+) -> Route:
     """The route for a request, or :class:`RequestError` (404 ``unknown_url`` / 405).
 
     ``playground``: whether ``/`` serves the web playground (only with ``/chat``, on SERVE).
+    ``metrics``: whether ``/metrics`` is served (every surface; never under ``/v1``).
     """
     path, _ = split_target(target)
-    resolved = _resolve(path, surface, playground=playground)
+    resolved = _resolve(path, surface, playground=playground, metrics=metrics)
     if method == "OPTIONS":
         # CORS preflight is never an error and never needs auth (bugs B12, B13).
         allow = ANY_PATH_ALLOW if resolved is None else _allow(resolved[0])
@@ -93,7 +97,9 @@ def _allow(method: str) -> str:
     return _GET_ALLOW if method == "GET" else _POST_ALLOW
 
 
-def _resolve(path: str, surface: Surface, *, playground: bool) -> tuple[str, Route] | None:
+def _resolve(
+    path: str, surface: Surface, *, playground: bool, metrics: bool = False
+) -> tuple[str, Route] | None:
     """The one method a path answers (besides HEAD and OPTIONS) and its route, or None."""
     bare = path[3:] if path == "/v1" or path.startswith("/v1/") else path
     if len(bare) > 1 and bare.endswith("/"):
@@ -116,6 +122,8 @@ def _resolve(path: str, surface: Surface, *, playground: bool) -> tuple[str, Rou
         return "GET", Route(Endpoint.MODELS)
     if bare.startswith("/models/") and len(bare) > len("/models/"):
         return "GET", Route(Endpoint.MODEL, unquote(bare[len("/models/") :]))
+    if path == "/metrics" and metrics:
+        return "GET", Route(Endpoint.METRICS)
     if path == "/openapi.json":
         return "GET", Route(Endpoint.OPENAPI)
     if path == "/" and playground and surface is Surface.SERVE:

@@ -56,6 +56,7 @@ class WebSocketSession:
         self._pong_by: float | None = None
         self._close_by: float | None = None
         self.transport_done = False  # the socket should now be closed
+        self.close_code = 1006  # the first close code sent or received (1006: none yet)
 
     # --- outputs ---------------------------------------------------------------------
 
@@ -108,6 +109,10 @@ class WebSocketSession:
     def receive_eof(self) -> None:
         self.transport_done = True
 
+    def _note_close(self, code: int | None) -> None:
+        if self.close_code == 1006 and code is not None:
+            self.close_code = code
+
     def send_message(self, payload: str | bytes) -> None:
         """Queue one application message (no-op once closing, or once the socket is gone).
 
@@ -129,6 +134,7 @@ class WebSocketSession:
     def close(self, code: int, reason: str, now: float) -> None:
         """Start the closing handshake (the peer gets ``ws_close_timeout`` to answer)."""
         if self._ws.state is ConnectionState.OPEN:
+            self._note_close(code)
             self._out += self._ws.send(CloseConnection(code=code, reason=reason))
             self._close_by = now + self.config.ws_close_timeout
             self._ping_at = self._pong_by = None
@@ -178,6 +184,7 @@ class WebSocketSession:
         self._frames = 0
 
     def _on_close(self, event: CloseConnection) -> None:
+        self._note_close(event.code)
         if self._ws.state is ConnectionState.REMOTE_CLOSING:
             # The peer closed: answer with the same code and let the socket go.
             self._out += self._ws.send(event.response())
@@ -190,6 +197,7 @@ class WebSocketSession:
 
     def _fail(self, code: int, reason: str) -> None:
         """Close at once for a violation: the peer is not owed a handshake."""
+        self._note_close(code)
         if self._ws.state is ConnectionState.OPEN:
             self._out += self._ws.send(CloseConnection(code=code, reason=reason))
         self.transport_done = True

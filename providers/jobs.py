@@ -92,6 +92,7 @@ class JobManager:
         self._jobs: dict[str, _Job] = {}
         self._keys = itertools.count()
         self._closed = False
+        self._finished: dict[str, int] = dict.fromkeys(sorted(TERMINAL_STATUSES), 0)
 
     # --- commands --------------------------------------------------------------------------
 
@@ -204,6 +205,15 @@ class JobManager:
         if job is None or job.final is not None:
             return "No active job/context"
         return job.ctx.end_input(name)
+
+    def counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """For metrics: jobs not finished by status (``starting``, ``running``), and jobs
+        finished since the manager was made by final status (forgotten ones included)."""
+        active = {"starting": 0, "running": 0}
+        for job in self._jobs.values():
+            if job.final is None:
+                active[job.status] = active.get(job.status, 0) + 1
+        return active, dict(self._finished)
 
     async def wait(self, job_id: str) -> dict[str, Any]:
         """The final ``job_update`` of the job, once it has finished (any user's job).
@@ -326,6 +336,7 @@ class JobManager:
             return
         job.final = event
         job.status = event["status"]
+        self._finished[job.status] = self._finished.get(job.status, 0) + 1
         subscribers, job.subscribers = job.subscribers, {}
         self._deliver(job, subscribers, event)
         job.done.set()

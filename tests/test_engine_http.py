@@ -594,6 +594,7 @@ def test_health_and_ping(target: str) -> None:
         request_id=reply.header("x-request-id") or "",
         duration=0.0,
         user_id=None,  # a public route: nobody was authenticated
+        route="health",
     )
 
 

@@ -55,6 +55,7 @@ PATHS = {
     "/workflows/{workflow_id}/run/stream": {"post"},
     "/openapi.json": {"get"},
     "/": {"get"},  # the playground page
+    "/metrics": {"get"},  # Prometheus text; the API's auth unless --metrics-public
 }
 # Values that exist on the server below, for the path parameters of the document.
 PATH_VALUES = {"model": "echo", "workflow_id": "summarize"}

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import struct
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, assert_never
 
 from wirechat.engine import Output, ProviderError, ServerConnection
@@ -33,14 +35,19 @@ from wirechat.engine.events import (
     CancelTool,
     CloseTransport,
     ConnectionFailed,
+    FirstTokenSent,
     JobCommand,
     ListModels,
     OpenThread,
+    ProviderFailed,
+    RenderMetrics,
     RequestCompleted,
     RunTool,
     SaveMessages,
     StartJob,
+    UsageReported,
     VerifyToken,
+    WebSocketClosed,
 )
 from wirechat.providers.supabase_auth import AuthUnavailable
 from wirechat.providers.threads import ThreadAccessError
@@ -77,6 +84,12 @@ class EngineProtocol(asyncio.Protocol):
         self._writable.set()
         self._reading = True
         self._following: dict[str, Callable[[], None]] = {}  # job id → its unsubscribe
+        self._ws_request_id = ""  # the upgrade's request id, for the socket's closing line
+
+    @property
+    def engine(self) -> ServerConnection:
+        """The connection's engine (read-only use: metrics read what is in progress)."""
+        return self._conn
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -102,7 +115,11 @@ class EngineProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._conn.closed:
             self._conn.receive_eof(time.time())
-            self._conn.effects()  # the socket is gone: only the cancellations below matter
+            # The socket is gone: of the effects only the cancellations below matter, but
+            # the notices (a WebSocket session's end) are still logged and counted.
+            for output in self._conn.effects():
+                if isinstance(output, WebSocketClosed):
+                    self._websocket_closed(output)
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
@@ -171,6 +188,11 @@ class EngineProtocol(asyncio.Protocol):
                     self._server.jobs.cancel(output.job_id, output.user_id)
                 case VerifyToken():
                     self._verify_token(output)
+                case RenderMetrics():  # answered on the spot, like cached models
+                    metrics = self._server.metrics
+                    body = metrics.render() if metrics is not None else b""
+                    content_type = metrics.content_type if metrics is not None else "text/plain"
+                    self._conn.metrics_rendered(output.stream_id, body, content_type, time.time())
                 case CloseTransport():
                     if output.abort:
                         transport.abort()
@@ -181,8 +203,23 @@ class EngineProtocol(asyncio.Protocol):
                         self._loop.call_later(self._server.config.send_timeout, transport.abort)
                 case RequestCompleted():
                     self._log_request(output)
+                    if self._server.metrics is not None:
+                        self._server.metrics.request_completed(output)
                 case ConnectionFailed():
                     logger.debug("closing a connection: %s (%s)", output.reason, output.status)
+                    if self._server.metrics is not None:
+                        self._server.metrics.connection_failed(output)
+                case FirstTokenSent():
+                    if self._server.metrics is not None:
+                        self._server.metrics.first_token_sent(output)
+                case UsageReported():
+                    if self._server.metrics is not None:
+                        self._server.metrics.usage_reported(output)
+                case ProviderFailed():
+                    if self._server.metrics is not None:
+                        self._server.metrics.provider_failed(output)
+                case WebSocketClosed():
+                    self._websocket_closed(output)
                 case _:
                     assert_never(output)
 
@@ -458,14 +495,67 @@ class EngineProtocol(asyncio.Protocol):
         if self._transport is None or self._transport.is_closing():
             raise ConnectionError("connection closed")
 
+    # --- the access log (never a token: the engine strips the query from targets) --------
+
     def _log_request(self, done: RequestCompleted) -> None:
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s %d %.1fms rid=%s%s",
-                done.method,
-                done.target,
-                done.status,
-                done.duration * 1000,
-                done.request_id,
-                " stream" if done.streamed else "",
-            )
+        if done.status == 101:
+            self._ws_request_id = done.request_id
+        mode = self._server.access_log
+        if mode == "off" or not access_log.isEnabledFor(logging.INFO):
+            return
+        if mode == "json":
+            record = {
+                "ts": _timestamp(),
+                "method": done.method,
+                "path": done.target,
+                "route": done.route,
+                "status": done.status,
+                "duration_ms": round(done.duration * 1000, 1),
+                "request_id": done.request_id,
+                "user": done.user_id,
+                "streamed": done.streamed,
+            }
+            access_log.info("%s", json.dumps(record, separators=(",", ":")))
+            return
+        access_log.info(
+            "%s %s %d %.1fms rid=%s%s",
+            done.method,
+            done.target,
+            done.status,
+            done.duration * 1000,
+            done.request_id,
+            " stream" if done.streamed else "",
+        )
+
+    def _websocket_closed(self, closed: WebSocketClosed) -> None:
+        if self._server.metrics is not None:
+            self._server.metrics.websocket_closed(closed)
+        mode = self._server.access_log
+        if mode == "off" or not access_log.isEnabledFor(logging.INFO):
+            return
+        path = "/" + closed.endpoint
+        if mode == "json":
+            record = {
+                "ts": _timestamp(),
+                "event": "websocket_closed",
+                "path": path,
+                "close_code": closed.code,
+                "duration_ms": round(closed.duration * 1000, 1),
+                "turns": closed.turns,
+                "request_id": self._ws_request_id,
+                "user": closed.user_id,
+            }
+            access_log.info("%s", json.dumps(record, separators=(",", ":")))
+            return
+        access_log.info(
+            "WS %s closed %d %.1fs turns=%d rid=%s",
+            path,
+            closed.code,
+            closed.duration,
+            closed.turns,
+            self._ws_request_id,
+        )
+
+
+def _timestamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

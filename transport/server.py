@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from wirechat.engine import AuthMode, EngineConfig
+from wirechat.engine import AuthMode, EngineConfig, MetricsAccess
 from wirechat.engine.chat import WorkflowSpec
 from wirechat.engine.limits import Admission
 from wirechat.providers.jobs import JobManager
@@ -27,7 +27,10 @@ from wirechat.providers.threads import ThreadStore
 from wirechat.providers.tools import ToolRegistry
 from wirechat.providers.workflows import WorkflowRegistry
 
+from .metrics import Metrics
 from .protocol import EngineProtocol
+
+ACCESS_LOG_FORMATS = ("plain", "json", "off")
 
 logger = logging.getLogger("wirechat")
 
@@ -44,7 +47,10 @@ class Server:
         threads: ThreadStore | None = None,
         workflows: WorkflowRegistry | None = None,
         auth: TokenVerifier | None = None,
+        access_log: str = "plain",
     ) -> None:
+        if access_log not in ACCESS_LOG_FORMATS:
+            raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_FORMATS)}")
         if config.auth_mode is AuthMode.SUPABASE and auth is None:
             raise ValueError("auth mode supabase needs a token verifier (auth=SupabaseVerifier)")
         self.auth = auth  # judges the tokens that are no static key (supabase mode)
@@ -67,6 +73,10 @@ class Server:
         # Rate limits and in-flight generations, shared by every connection of this process.
         self.admission = Admission(self.config.max_inflight_generations)
         self.connections: set[EngineProtocol] = set()
+        # The wirechat.access lines: "plain", "json" (one JSON object a line) or "off".
+        self.access_log = access_log
+        # This server's own registry (never the process-wide default): see metrics.py.
+        self.metrics = Metrics(self) if config.metrics is not MetricsAccess.OFF else None
         self._servers: list[asyncio.Server] = []
 
     async def start(

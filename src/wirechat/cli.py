@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from wirechat import playground
-from wirechat.engine import AuthMode, EngineConfig, StaticKey, Surface
+from wirechat.engine import AuthMode, EngineConfig, MetricsAccess, StaticKey, Surface
 
 if TYPE_CHECKING:
     from wirechat.providers.config import RouterSettings
@@ -169,6 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
             "--cors-origins",
             help="comma-separated origins allowed by CORS ('*' for any; default none)",
         )
+        sub.add_argument(
+            "--no-metrics",
+            action="store_true",
+            help="do not serve GET /metrics (then it is a 404)",
+        )
+        sub.add_argument(
+            "--metrics-public",
+            action="store_true",
+            help="serve GET /metrics without auth (default: the API's auth, when enforced)",
+        )
+        sub.add_argument(
+            "--access-log-format",
+            choices=["plain", "json"],
+            help="one line per request: plain text or one JSON object"
+            " (env ACCESS_LOG_FORMAT; default plain)",
+        )
+        sub.add_argument(
+            "--no-access-log",
+            action="store_true",
+            help="log no line per request or WebSocket session",
+        )
         for flag, field, kind in _LIMIT_FLAGS:
             sub.add_argument(flag, dest=field, type=kind, metavar=kind.__name__.upper())
         if name == "serve":
@@ -205,7 +226,11 @@ def build_config(args: argparse.Namespace) -> EngineConfig:
         )
     limits = {field: getattr(args, field) for _, field, _ in _LIMIT_FLAGS}
     cors = args.cors_origins or _env("CORS_ORIGINS") or ""
+    if args.no_metrics and args.metrics_public:
+        raise UsageError("--no-metrics and --metrics-public contradict each other")
+    metrics = MetricsAccess.OFF if args.no_metrics else MetricsAccess.AUTH
     return EngineConfig(
+        metrics=MetricsAccess.PUBLIC if args.metrics_public else metrics,
         surface=surface,
         auth_mode=mode,
         static_keys=(*(StaticKey.from_token(t) for t in tokens), *keys),
@@ -317,11 +342,37 @@ def _run_one(
             threads=threads,
             workflows=load_workflows(args),
             auth=build_verifier(args, config),
+            access_log=access_log_format(args),
         )
         ready = (lambda _: _announce(sock)) if announce else None
         asyncio.run(serve(server, sock=sock, on_ready=ready))
     finally:
         threads.close()
+
+
+def access_log_format(args: argparse.Namespace) -> str:
+    """``plain``, ``json`` or ``off``: --no-access-log, --access-log-format, ACCESS_LOG_FORMAT."""
+    if args.no_access_log:
+        return "off"
+    value = (args.access_log_format or _env("ACCESS_LOG_FORMAT") or "plain").lower()
+    if value not in ("plain", "json"):
+        raise UsageError(f"ACCESS_LOG_FORMAT must be plain or json, not {value!r}")
+    return str(value)
+
+
+def _setup_logging(args: argparse.Namespace, access: str) -> None:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if access == "json":
+        # Each access line is a whole JSON object (it carries its own ts), with no prefix,
+        # so a log shipper can parse stderr's access lines as JSON lines.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_logger = logging.getLogger("wirechat.access")
+        access_logger.addHandler(handler)
+        access_logger.propagate = False
 
 
 def load_tools(args: argparse.Namespace) -> ToolRegistry:
@@ -428,10 +479,12 @@ def _run_workers(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        access = access_log_format(args)
+    except UsageError as exc:
+        print(f"wirechat: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(args, access)
     try:
         config = build_config(args)
     except (UsageError, ValueError) as exc:

@@ -51,6 +51,7 @@ async def start(
     workflows: Iterable[Workflow | Callable[..., Any]] = (),
     db: str = ":memory:",
     auth: TokenVerifier | None = None,
+    access_log: str = "plain",
 ) -> AsyncIterator[RunningServer]:
     """Serve wirechat on ``host:port`` for the duration of the ``async with`` block.
 
@@ -59,6 +60,8 @@ async def start(
     ``db`` is the thread store's SQLite file (``":memory:"`` keeps nothing).
     ``auth`` judges tokens when ``config.auth_mode`` is ``supabase`` (a
     ``wirechat.providers.supabase_auth.SupabaseVerifier``); it is closed on exit.
+    ``access_log``: the ``wirechat.access`` lines, ``"plain"``, ``"json"`` or ``"off"``.
+    ``GET /metrics`` serves this server's own metrics (``config.metrics`` says who may).
 
     Example::
 
@@ -83,6 +86,7 @@ async def start(
         threads=threads,
         workflows=workflow_registry,
         auth=auth,
+        access_log=access_log,
     )
     try:
         addresses = await server.start(host, port)
