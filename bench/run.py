@@ -115,6 +115,9 @@ class Server:
         self.port = free_port()
         self.logfile = logdir / f"{self.key}-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if k not in PROVIDER_ENV}
+        # Like every peer, wirechat's echo yields to the event loop after every word, as a
+        # real token stream arrives (by default it batches 64 words a turn).
+        env["WIRECHAT_ECHO_YIELD_EVERY"] = "1"
         env.update(self.env)
         cmd = self.argv(self.port)
         if pin:

@@ -18,6 +18,7 @@ from .config import EngineConfig, StaticKey
 from .events import Output
 from .limits import Admission
 from .predict_session import PredictSession
+from .state import earliest
 from .websocket import WebSocketSession
 
 
@@ -39,7 +40,7 @@ class AppSocket:
         self.endpoint = "predict" if predict else "chat"
         self.ws = WebSocketSession(config, now)
         self._encoding: Encoding = "msgpack"
-        self._chunks = ChunkEncoder()
+        self._chunks: ChunkEncoder | None = None  # made at the first token: idle sockets are many
         self.session: ChatSession | PredictSession
         if predict:
             self.session = PredictSession(
@@ -73,8 +74,7 @@ class AppSocket:
                 break
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self.ws.next_deadline(), self.session.next_deadline()) if t]
-        return min(times) if times else None
+        return earliest(self.ws.next_deadline(), self.session.next_deadline())
 
     def handle_timer(self, now: float) -> None:
         self.ws.handle_timer(now)
@@ -90,4 +90,7 @@ class AppSocket:
 
     def _send_chunk(self, text: str, thread_id: str | None) -> None:
         encoding = self.session.fixed_encoding or self._encoding
-        self.ws.send_message(self._chunks.encode(text, thread_id, encoding))
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = ChunkEncoder()
+        self.ws.send_message(chunks.encode(text, thread_id, encoding))

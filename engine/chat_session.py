@@ -341,7 +341,7 @@ class ChatSession:
         if turn is None:
             return
         turn.deadline = now + self.config.provider_idle_timeout
-        if isinstance(item, TextDelta):
+        if type(item) is TextDelta:  # nearly every item: tested first, exactly
             if item.text:
                 if not turn.text:  # the turn's first text: once per turn, not per token
                     self._emit(FirstTokenSent(route="chat_ws", waited=now - turn.started))

@@ -115,7 +115,9 @@ class ChunkEncoder:
 
     def __init__(self) -> None:
         self._parts: dict[tuple[Encoding, str | None], tuple[Any, Any]] = {}
-        self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="replace")
+        # A small buffer (it grows when needed): msgpack's default of 256 KiB costs an idle
+        # socket resident pages.
+        self._packer = msgpack.Packer(use_bin_type=True, unicode_errors="replace", buf_size=512)
 
     def encode(self, text: str, thread_id: str | None, encoding: Encoding) -> str | bytes:
         parts = self._parts.get((encoding, thread_id))

@@ -62,3 +62,12 @@ def next_phase(phase: Phase, event: Input) -> Phase:
         raise LocalProtocolError(
             f"input {event.value} is not allowed in phase {phase.value}"
         ) from None
+
+
+def earliest(a: float | None, b: float | None) -> float | None:
+    """The earlier of two deadlines, ``None`` meaning none (asked once per token: no lists)."""
+    if a is None:
+        return b
+    if b is None or a <= b:
+        return a
+    return b

@@ -28,6 +28,7 @@ from wsproto.events import (
 )
 
 from .config import EngineConfig
+from .state import earliest
 
 _MAX_FRAGMENTS = 4096  # many empty fragments cost memory without counting as bytes
 _OP_TEXT = 0x1
@@ -72,8 +73,7 @@ class WebSocketSession:
     def next_deadline(self) -> float | None:
         if self.transport_done:
             return None
-        times = [t for t in (self._ping_at, self._pong_by, self._close_by) if t is not None]
-        return min(times) if times else None
+        return earliest(earliest(self._ping_at, self._pong_by), self._close_by)
 
     # --- inputs ----------------------------------------------------------------------
 

@@ -309,9 +309,21 @@ def load_settings(
     )
 
 
+def _echo() -> EchoProvider:
+    """The echo model; ``WIRECHAT_ECHO_YIELD_EVERY=N`` makes it yield to the event loop every
+    N words (default 64; 1 for benchmarks that compare it with token-by-token servers)."""
+    value = os.environ.get("WIRECHAT_ECHO_YIELD_EVERY")
+    try:
+        return EchoProvider(int(value)) if value else EchoProvider()
+    except ValueError:
+        raise ConfigError(
+            f"WIRECHAT_ECHO_YIELD_EVERY must be a whole number of at least 1, not {value!r}"
+        ) from None
+
+
 def build_provider(settings: ProviderSettings) -> ChatProvider:
     if settings.kind == "echo":
-        return EchoProvider()
+        return _echo()
     if settings.kind == "local":
         from .local import LocalProvider
 
@@ -346,7 +358,7 @@ def build_provider(settings: ProviderSettings) -> ChatProvider:
 def build_router(settings: RouterSettings) -> ProviderRouter:
     """The router for ``settings``: echo first, then the upstreams (recorded if asked),
     then the replay provider."""
-    providers: list[ChatProvider] = [EchoProvider()]
+    providers: list[ChatProvider] = [_echo()]
     for provider_settings in settings.providers:
         provider = build_provider(provider_settings)
         if settings.record_dir:

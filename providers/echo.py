@@ -71,6 +71,13 @@ class EchoProvider:
 
     name = ECHO_OWNER
 
+    def __init__(self, yield_every: int = YIELD_EVERY) -> None:
+        # 1 makes every word its own event-loop turn, as a real token stream arrives (the
+        # benchmarks compare servers that way: WIRECHAT_ECHO_YIELD_EVERY=1).
+        if yield_every < 1:
+            raise ValueError("yield_every must be at least 1")
+        self.yield_every = yield_every
+
     def serves(self, model: str) -> bool:
         return model == ECHO_MODEL
 
@@ -109,12 +116,12 @@ class EchoProvider:
                 reason = "length"
                 break
             # /slow sleeps before every word. A plain echo yields to the loop only every
-            # YIELD_EVERY words: often enough that a huge reply cannot starve other
+            # yield_every (YIELD_EVERY) words: often enough that a huge reply cannot starve other
             # connections or delay a cancel, rarely enough that a normal reply costs one
             # event-loop turn instead of one per word.
             if delay:
                 await asyncio.sleep(delay)
-            elif index and index % YIELD_EVERY == 0:
+            elif index and index % self.yield_every == 0:
                 await asyncio.sleep(0)
             yield TextDelta(text=piece)
             words += is_word

@@ -450,3 +450,39 @@ def test_router_lists_every_provider_and_skips_a_failing_one(
 def test_default_router_serves_echo_only() -> None:
     models = asyncio.run(default_router().list_models())
     assert [m.id for m in models] == ["echo"]
+
+
+def test_yield_every_sets_how_often_the_echo_gives_the_loop_a_turn() -> None:
+    """``EchoProvider(yield_every=1)`` yields to the event loop after every word, like a real
+    token stream (what the benchmarks compare); the words are the same either way."""
+    import asyncio
+
+    from wirechat.engine.chat import ChatMessage, ChatRequest, TextDelta
+    from wirechat.providers.echo import EchoProvider
+
+    request = ChatRequest(model="echo", messages=(ChatMessage(role="user", content="a b c d"),))
+
+    async def run(provider: EchoProvider) -> tuple[list[str], int]:
+        turns = 0
+        done = False
+
+        async def count() -> None:
+            nonlocal turns
+            while not done:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count())
+        await asyncio.sleep(0)
+        before = turns
+        words = [i.text async for i in provider.stream(request) if isinstance(i, TextDelta)]
+        done = True
+        await counter
+        return words, turns - before
+
+    batched, batched_turns = asyncio.run(run(EchoProvider()))
+    stepped, stepped_turns = asyncio.run(run(EchoProvider(yield_every=1)))
+    assert batched == stepped == ["a ", "b ", "c ", "d"]
+    assert batched_turns <= 1 < 3 <= stepped_turns
+    with pytest.raises(ValueError, match="at least 1"):
+        EchoProvider(yield_every=0)
