@@ -55,7 +55,7 @@ class CompletionRun:
                 return b""
             if self._streaming:
                 head, tail = self._content_frame
-                return b"data: " + head + sse.dumps(item.text) + tail + b"\n\n"
+                return b"data: " + head + sse.dumps_text(item.text) + tail + b"\n\n"
             self._text.append(item.text)  # a stream never needs the whole text again
             return b""
         if isinstance(item, Finish):
@@ -74,7 +74,7 @@ class CompletionRun:
                 self._text.append(item.text)  # a stream never needs the whole text again
             else:
                 head, tail = self._content_frame
-                out += b"data: " + head + sse.dumps(item.text) + tail + b"\n\n"
+                out += b"data: " + head + sse.dumps_text(item.text) + tail + b"\n\n"
             return out
         index = len(self._calls)
         self._calls.append(item)

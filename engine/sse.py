@@ -15,9 +15,19 @@ DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": ping\n\n"
 
 
+# json.dumps with any argument builds a new encoder per call; this one is made once.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_JSON_STRING = json.encoder.encode_basestring_ascii
+
+
 def dumps(payload: Any) -> bytes:
     """Compact, ASCII-only JSON (lone surrogates stay escaped instead of failing to encode)."""
-    return json.dumps(payload, separators=(",", ":")).encode("ascii")
+    return _COMPACT.encode(payload).encode("ascii")
+
+
+def dumps_text(text: str) -> bytes:
+    """``dumps`` of a string (a streamed token), without the encoder's dispatch."""
+    return _JSON_STRING(text).encode("ascii")
 
 
 def event(payload: Any) -> bytes:
