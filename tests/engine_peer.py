@@ -211,7 +211,8 @@ class EnginePeer:
         self.config = config or EngineConfig()
         self.now = now
         self.split = split
-        self.server = ServerConnection(self.config, now, admission=admission)
+        self.admission = admission or Admission(self.config.max_inflight_generations)
+        self.server = ServerConnection(self.config, now, admission=self.admission)
         self.client = h11.Connection(h11.CLIENT)
         self.wire = bytearray()  # every byte the server wrote, in order
         self.effects: list[Output] = []  # every effect and notice, in order

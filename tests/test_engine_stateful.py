@@ -234,6 +234,7 @@ class HttpConnection(RuleBasedStateMachine):
         peer = self.peer
         assert peer.server_closed() and peer.server.next_deadline() is None
         assert not self.pending, f"calls left behind at close: {self.pending}"
+        assert peer.admission.inflight == 0, "a generation was never released"
         if self.client_gone:
             return
         assert peer.current_response is None
@@ -440,6 +441,12 @@ class HttpConnection(RuleBasedStateMachine):
             assert not self.peer.transport_closed()
 
     @invariant()
+    def at_most_one_generation_in_flight(self) -> None:
+        # One connection answers one request at a time; a closed one holds none.
+        inflight = self.peer.admission.inflight
+        assert inflight <= (0 if self.peer.server.closed else 1), inflight
+
+    @invariant()
     def notices_match_replies(self) -> None:
         peer = self.peer
         if self.client_gone or peer.current_response is not None:
@@ -523,6 +530,7 @@ class _SocketMachine(RuleBasedStateMachine):
         if peer.transport_closed() and not self.closed_checked:
             self.closed_checked = True
             assert peer.server.closed and peer.server.next_deadline() is None
+            assert peer.admission.inflight == 0, "a /chat turn's generation was never released"
             self.on_close()
         return got, effects
 
@@ -635,6 +643,12 @@ class _SocketMachine(RuleBasedStateMachine):
         else:
             assert server.next_deadline() is not None, "an open socket nothing will wake"
             assert not self.peer.transport_closed()
+
+    @invariant()
+    def at_most_one_generation_in_flight(self) -> None:
+        # A /chat socket runs one turn at a time (a new message supersedes the running one).
+        inflight = self.peer.admission.inflight
+        assert inflight <= (0 if self.peer.server.closed else 1), inflight
 
 
 # =================================================================================================

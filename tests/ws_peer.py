@@ -35,6 +35,7 @@ from wirechat.engine import (
     ProviderItem,
     ServerConnection,
 )
+from wirechat.engine.limits import Admission
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
@@ -213,10 +214,17 @@ def _decode(message: str | bytes) -> Got:
 class WsPeer:
     """A ``ServerConnection`` plus a wsproto client oracle reading everything it writes."""
 
-    def __init__(self, config: EngineConfig | None = None, *, now: float = T0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        now: float = T0,
+        admission: Admission | None = None,
+    ) -> None:
         self.config = config or EngineConfig()
         self.now = now
-        self.server = ServerConnection(self.config, now)
+        self.admission = admission or Admission(self.config.max_inflight_generations)
+        self.server = ServerConnection(self.config, now, admission=self.admission)
         self.client = WSConnection(ConnectionType.CLIENT)
         self.wire = bytearray()  # every byte the server wrote
         self.effects: list[Output] = []  # every effect and notice, in order
