@@ -50,10 +50,13 @@ from wirechat.engine.events import (
     JobCommand,
     ListModels,
     OpenThread,
+    RenderMetrics,
     RunTool,
     SaveMessages,
     StartJob,
+    VerifyToken,
 )
+from wirechat.engine.limits import KeyLimits
 from wsproto import ConnectionType
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
@@ -123,11 +126,20 @@ def _configs() -> tuple[EngineConfig, ...]:
             cors_origins=("https://app.test",),
             **common,
         ),
-        # 2: static tokens enforced, the worker surface (no /chat).
+        # 2: supabase auth (the static token passes at once; any other token is judged by
+        # the fake auth provider, per the script), a key with small limits, the worker
+        # surface (no /chat).
         EngineConfig(
-            auth_mode=AuthMode.STATIC,
-            static_keys=(StaticKey.from_token(TOKEN, "fuzzer"),),
+            auth_mode=AuthMode.SUPABASE,
+            static_keys=(
+                StaticKey.from_token(
+                    TOKEN,
+                    "fuzzer",
+                    KeyLimits(requests_per_minute=3, concurrent_streams=1, models=("echo",)),
+                ),
+            ),
             surface=Surface.WORKER,
+            auth_timeout=2.0,
             **common,
         ),
         # 3: the OpenAI-only surface, auth off, no tools or workflows.
@@ -205,7 +217,10 @@ class Driver:
             self._pump()
         # Reading pauses only behind a request being answered (never on a head in progress).
         paused = self.conn.reading_paused and not self.conn.closed
-        assert not paused or self.conn.phase.value in ("working", "streaming"), self.conn.phase
+        # (A WebSocket whose token is still being judged holds its frames: "websocket".)
+        assert not paused or self.conn.phase.value in ("working", "streaming", "websocket"), (
+            self.conn.phase
+        )
 
     def shutdown(self) -> None:
         """The server begins a graceful shutdown."""
@@ -305,6 +320,16 @@ class Driver:
             conn.job_event(effect.job_id, {"type": "job_update", **final, **base}, now)
         elif isinstance(effect, JobCommand):
             conn.job_command_done(effect.op_id, self._job_value(effect), now)
+        elif isinstance(effect, VerifyToken):
+            # The auth provider: accepts, is unreachable, refuses, or never answers.
+            if script.world == 0:
+                conn.token_verified(effect.op_id, "supabase-user", now)
+            elif script.world == 1:
+                conn.token_check_failed(effect.op_id, "the auth provider is down", now)
+            elif script.world == 2:
+                conn.token_verified(effect.op_id, None, now)
+        elif isinstance(effect, RenderMetrics):
+            conn.metrics_rendered(effect.stream_id, b"# no metrics\n", "text/plain", now)
         # CancelProvider, CancelTool, CancelJob, CloseTransport and the notices need no answer.
 
     def _provide(self, call: CallProvider) -> None:
