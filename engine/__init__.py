@@ -27,6 +27,7 @@ from .events import (
     ListModels,
     Notice,
     Output,
+    RequestAbandoned,
     RequestCompleted,
     VerifyToken,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ProviderError",
     "ProviderItem",
     "RemoteProtocolError",
+    "RequestAbandoned",
     "RequestCompleted",
     "RequestError",
     "ServerConnection",

@@ -49,6 +49,7 @@ from .events import (
     Output,
     ProviderFailed,
     RenderMetrics,
+    RequestAbandoned,
     RequestCompleted,
     StartJob,
     UsageReported,
@@ -226,6 +227,11 @@ class ServerConnection:
             return
         if self._socket is not None:
             self._socket.session.close()
+        ex = self._ex
+        if ex is not None and self._phase in (Phase.WORKING, Phase.STREAMING):
+            # A request read whole, its answer not complete: still one access-log line.
+            streamed = self._phase is Phase.STREAMING
+            self._outputs.append(RequestAbandoned(record=_record(ex, 499, now, streamed=streamed)))
         self._cancel_work()
         self._close_socket(now)
 
@@ -889,19 +895,7 @@ class ServerConnection:
         conn = self._h11
         assert conn is not None
         self._release(ex)
-        path, _ = split_target(ex.target)  # never log a query: it may carry a token
-        self._outputs.append(
-            RequestCompleted(
-                method=ex.method,
-                target=path,
-                status=ex.status,
-                request_id=ex.request_id,
-                duration=max(0.0, now - ex.started),
-                streamed=streamed,
-                user_id=ex.user_id,
-                route=ex.route.endpoint.value if ex.route is not None else "unknown",
-            )
-        )
+        self._outputs.append(_record(ex, ex.status, now, streamed=streamed))
         self._ex = None
         keep_alive = (
             conn.our_state is h11.DONE
@@ -1125,6 +1119,21 @@ class ServerConnection:
         stream_id = self._next_stream_id
         self._next_stream_id += 1
         return stream_id
+
+
+def _record(ex: _Exchange, status: int, now: float, *, streamed: bool) -> RequestCompleted:
+    """The access-log record of an exchange."""
+    path, _ = split_target(ex.target)  # never log a query: it may carry a token
+    return RequestCompleted(
+        method=ex.method,
+        target=path,
+        status=status,
+        request_id=ex.request_id,
+        duration=max(0.0, now - ex.started),
+        streamed=streamed,
+        user_id=ex.user_id,
+        route=ex.route.endpoint.value if ex.route is not None else "unknown",
+    )
 
 
 def _auth_error(failure: str) -> RequestError:

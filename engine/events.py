@@ -159,6 +159,15 @@ class RequestCompleted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RequestAbandoned:
+    """The client closed the connection before the answer to a request it had sent was
+    complete (cancelled model call included). ``record`` is the access-log line for it, with
+    nginx's status 499 ("client closed request"); no reply was read for it."""
+
+    record: RequestCompleted
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ConnectionFailed:
     """The peer broke the protocol; the engine has answered (if it could) and will close."""
 
@@ -227,6 +236,7 @@ Effect = (
 )
 Notice = (
     RequestCompleted
+    | RequestAbandoned
     | ConnectionFailed
     | FirstTokenSent
     | UsageReported

@@ -128,3 +128,35 @@ def test_no_access_log(server_factory: ServerFactory) -> None:
 def test_a_bad_access_log_format_refuses_to_start(run_wirechat: Any) -> None:
     status, err = run_wirechat("serve", "--port", "0", env={"ACCESS_LOG_FORMAT": "xml"})
     assert status == 2 and "ACCESS_LOG_FORMAT" in err
+
+
+def test_a_client_that_hangs_up_mid_answer_is_logged_and_counted_as_499(
+    server_factory: ServerFactory,
+) -> None:
+    """One line per request even when the client leaves before its answer is complete:
+    status 499 as nginx writes it, streamed or not; /metrics counts it too."""
+    srv = server_factory("--access-log-format", "json")
+    for stream in (True, False):
+        body = json.dumps(
+            {
+                "model": "echo",
+                "stream": stream,
+                "messages": [{"role": "user", "content": "/slow 500 a b c"}],
+            }
+        ).encode()
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"X-Request-Id: gone-{int(stream)}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((srv.host, srv.port), timeout=TIMEOUT) as sock:
+            sock.sendall(head + body)
+            if stream:
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        # the socket closes here, the model still writing
+    lines = wait_for_lines(srv, 2)
+    gone = {line["request_id"]: line for line in lines if line["request_id"].startswith("gone-")}
+    assert gone["gone-1"]["status"] == 499 and gone["gone-1"]["streamed"] is True
+    assert gone["gone-0"]["status"] == 499 and gone["gone-0"]["streamed"] is False
+    assert {line["path"] for line in gone.values()} == {"/v1/chat/completions"}
+    metrics = httpx.get(srv.base_url + "/metrics", timeout=TIMEOUT).text
+    assert 'wirechat_requests_total{route="chat_completions",status="499"} 2.0' in metrics

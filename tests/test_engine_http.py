@@ -1475,3 +1475,30 @@ def test_split_feeding_json_sanity() -> None:
     statuses = [status for status, _ in parsed]
     assert statuses == [200, 200, 200, 404, 200, 400, 200]
     assert json.dumps(parsed)  # plain data all the way down
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_mid_answer_leaves_one_abandoned_record(stream: bool) -> None:
+    """EOF with an answer incomplete: one ``RequestAbandoned`` (status 499, no query in the
+    target), no ``RequestCompleted``; EOF between requests leaves none."""
+    from wirechat.engine import RequestAbandoned
+
+    peer = EnginePeer()
+    finish = peer.chat()
+    peer.answer(finish.stream_id, TextDelta(text="done"))
+    call = peer.post_chat(chat_body(stream=stream), target="/v1/chat/completions?x=secret")
+    assert call is not None
+    if stream:
+        peer.chunk(call.stream_id, TextDelta(text="half"))
+    peer.eof()
+    (gone,) = peer.of_type(RequestAbandoned)
+    assert gone.record.status == 499 and gone.record.streamed is stream
+    assert gone.record.target == "/v1/chat/completions"
+    assert [c.status for c in peer.completed] == [200]
+    assert call.stream_id in peer.cancels
+
+    idle = EnginePeer()
+    idle.chat()
+    idle.answer(idle.calls[0].stream_id, TextDelta(text="x"))
+    idle.eof()
+    assert idle.of_type(RequestAbandoned) == []

@@ -41,6 +41,7 @@ from wirechat.engine.events import (
     OpenThread,
     ProviderFailed,
     RenderMetrics,
+    RequestAbandoned,
     RequestCompleted,
     RunTool,
     SaveMessages,
@@ -120,6 +121,8 @@ class EngineProtocol(asyncio.Protocol):
             for output in self._conn.effects():
                 if isinstance(output, WebSocketClosed):
                     self._websocket_closed(output)
+                elif isinstance(output, RequestAbandoned):
+                    self._request_done(output.record)  # status 499, like nginx
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
@@ -202,9 +205,9 @@ class EngineProtocol(asyncio.Protocol):
                         # ...unless the peer never reads it: then drop it after a while.
                         self._loop.call_later(self._server.config.send_timeout, transport.abort)
                 case RequestCompleted():
-                    self._log_request(output)
-                    if self._server.metrics is not None:
-                        self._server.metrics.request_completed(output)
+                    self._request_done(output)
+                case RequestAbandoned():
+                    self._request_done(output.record)  # status 499, like nginx
                 case ConnectionFailed():
                     logger.debug("closing a connection: %s (%s)", output.reason, output.status)
                     if self._server.metrics is not None:
@@ -496,6 +499,11 @@ class EngineProtocol(asyncio.Protocol):
             raise ConnectionError("connection closed")
 
     # --- the access log (never a token: the engine strips the query from targets) --------
+
+    def _request_done(self, done: RequestCompleted) -> None:
+        self._log_request(done)
+        if self._server.metrics is not None:
+            self._server.metrics.request_completed(done)
 
     def _log_request(self, done: RequestCompleted) -> None:
         if done.status == 101:
