@@ -157,6 +157,23 @@ class ChatSession:
         """The socket is gone: cancel what runs, send nothing."""
         self._cancel()
 
+    def abandon(self, message: str) -> None:
+        """The server cannot finish the running turn (shutdown grace is over): cancel it and
+        say so with an ``error`` frame, so the client does not take the close for a finished
+        answer. No turn: nothing to say."""
+        turn = self._turn
+        if turn is None:
+            return
+        self._cancel()
+        self._send(
+            {
+                "type": "error",
+                "message": message,
+                "error_type": "server_shutdown",
+                "thread_id": turn.thread_id,
+            }
+        )
+
     def _cancel(self) -> None:
         turn, self._turn = self._turn, None
         if turn is None:

@@ -481,6 +481,8 @@ class ServerConnection:
     def _abandon(self, message: str, now: float) -> None:
         """Grace is over: end whatever is in flight with an error, then close."""
         if self._socket is not None:
+            if isinstance(self._socket.session, ChatSession):
+                self._socket.session.abandon(message)  # an error frame before the Close
             self._socket.close(1001, "server shutting down", now)
             self._out += self._socket.ws.data_to_send()
             self._close_socket(now)

@@ -780,12 +780,16 @@ def test_shutdown_lets_a_busy_turn_finish_then_closes_1001() -> None:
 def test_shutdown_grace_deadline_cancels_and_closes_1001() -> None:
     config = EngineConfig(ws_ping_interval=1e6, shutdown_grace=30.0)
     peer = peer_for(config)
-    _, call = open_turn(peer)
+    op, call = open_turn(peer)
     peer.shutdown(now=T0 + 1)
     assert peer.deadline() == T0 + 31
     peer.chunk(call.stream_id, TextDelta(text="slow"), now=T0 + 10)
+    peer.take_frames()
     peer.timer(T0 + 31)
     assert peer.close_code() == 1001
+    # The cut turn is told apart from a finished one: an error frame comes before the Close.
+    (cut,) = peer.take_frames()
+    assert subset(cut, type="error", error_type="server_shutdown", thread_id=op.thread_id)
     assert [e.stream_id for e in peer.of_type(CancelProvider)] == [call.stream_id]
     assert peer.transport_closed()
     assert peer.deadline() is None
