@@ -358,7 +358,7 @@ class ChatSession:
         if turn is None:
             return
         turn.deadline = now + self.config.provider_idle_timeout
-        if type(item) is TextDelta:  # nearly every item: tested first, exactly
+        if type(item) is TextDelta or isinstance(item, TextDelta):  # the exact type: fast
             if item.text:
                 if not turn.text:  # the turn's first text: once per turn, not per token
                     self._emit(FirstTokenSent(route="chat_ws", waited=now - turn.started))
