@@ -111,7 +111,9 @@ class ChunkEncoder:
     whole dict (a test holds the two equal).
     """
 
-    _MARK = "\ue000wirechat-chunk\ue000"  # private-use: no thread id contains its encoding
+    # Split at its first occurrence: "content" comes before "thread_id" in the frame, so a
+    # thread id that happens to hold this text cannot move the split.
+    _MARK = "\ue000wirechat-chunk\ue000"
 
     def __init__(self) -> None:
         self._parts: dict[tuple[Encoding, str | None], tuple[Any, Any]] = {}

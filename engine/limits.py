@@ -22,7 +22,7 @@ Rules of this module:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,7 +94,7 @@ class Ticket:
 
     key: str | None
     tokens: int = 0  # used so far, as reported by the provider
-    released: bool = field(default=False)
+    released: bool = False
 
 
 class Admission:

@@ -1014,3 +1014,13 @@ def test_chunk_frames_are_the_bytes_encode_frame_writes(
         for encoding in ("json", "msgpack"):
             fast = encoder.encode(text, thread_id, encoding)  # type: ignore[arg-type]
             assert fast == encode_frame(chunk_frame(text, thread_id), encoding)  # type: ignore[arg-type]
+
+
+def test_a_thread_id_holding_the_template_mark_cannot_move_the_split() -> None:
+    from wirechat.engine.codec import ChunkEncoder, chunk_frame, encode_frame
+
+    thread = "t" + ChunkEncoder._MARK + "x"
+    encoder = ChunkEncoder()
+    for encoding in ("json", "msgpack"):
+        fast = encoder.encode("hello", thread, encoding)  # type: ignore[arg-type]
+        assert fast == encode_frame(chunk_frame("hello", thread), encoding)  # type: ignore[arg-type]

@@ -508,24 +508,20 @@ class EngineProtocol(asyncio.Protocol):
     def _log_request(self, done: RequestCompleted) -> None:
         if done.status == 101:
             self._ws_request_id = done.request_id
-        mode = self._server.access_log
-        if mode == "off" or not access_log.isEnabledFor(logging.INFO):
+        if not self._access_logged():
             return
-        if mode == "json":
-            record = {
-                "ts": _timestamp(),
-                "method": done.method,
-                "path": done.target,
-                "route": done.route,
-                "status": done.status,
-                "duration_ms": round(done.duration * 1000, 1),
-                "request_id": done.request_id,
-                "user": done.user_id,
-                "streamed": done.streamed,
-            }
-            access_log.info("%s", json.dumps(record, separators=(",", ":")))
-            return
-        access_log.info(
+        record = {
+            "method": done.method,
+            "path": done.target,
+            "route": done.route,
+            "status": done.status,
+            "duration_ms": round(done.duration * 1000, 1),
+            "request_id": done.request_id,
+            "user": done.user_id,
+            "streamed": done.streamed,
+        }
+        self._access_line(
+            record,
             "%s %s %d %.1fms rid=%s%s",
             done.method,
             done.target,
@@ -538,24 +534,20 @@ class EngineProtocol(asyncio.Protocol):
     def _websocket_closed(self, closed: WebSocketClosed) -> None:
         if self._server.metrics is not None:
             self._server.metrics.websocket_closed(closed)
-        mode = self._server.access_log
-        if mode == "off" or not access_log.isEnabledFor(logging.INFO):
+        if not self._access_logged():
             return
         path = "/" + closed.endpoint
-        if mode == "json":
-            record = {
-                "ts": _timestamp(),
-                "event": "websocket_closed",
-                "path": path,
-                "close_code": closed.code,
-                "duration_ms": round(closed.duration * 1000, 1),
-                "turns": closed.turns,
-                "request_id": self._ws_request_id,
-                "user": closed.user_id,
-            }
-            access_log.info("%s", json.dumps(record, separators=(",", ":")))
-            return
-        access_log.info(
+        record = {
+            "event": "websocket_closed",
+            "path": path,
+            "close_code": closed.code,
+            "duration_ms": round(closed.duration * 1000, 1),
+            "turns": closed.turns,
+            "request_id": self._ws_request_id,
+            "user": closed.user_id,
+        }
+        self._access_line(
+            record,
             "WS %s closed %d %.1fs turns=%d rid=%s",
             path,
             closed.code,
@@ -563,6 +555,17 @@ class EngineProtocol(asyncio.Protocol):
             closed.turns,
             self._ws_request_id,
         )
+
+    def _access_logged(self) -> bool:
+        return self._server.access_log != "off" and access_log.isEnabledFor(logging.INFO)
+
+    def _access_line(self, record: dict[str, Any], plain: str, *args: object) -> None:
+        """One access-log line: ``record`` as JSON (time first), or ``plain % args``."""
+        if self._server.access_log == "json":
+            line = json.dumps({"ts": _timestamp(), **record}, separators=(",", ":"))
+            access_log.info("%s", line)
+        else:
+            access_log.info(plain, *args)
 
 
 def _timestamp() -> str:
