@@ -83,6 +83,9 @@ class ChatRequest:
     options: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
     provider: str | None = None
+    # False when nobody sees the answer before it is complete (a non-streamed chat
+    # completion): a provider may then deliver it in fewer, larger pieces, down to one.
+    stream: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

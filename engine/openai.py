@@ -20,8 +20,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import sse
 from .chat import ChatMessage, ChatRequest, ModelInfo, ToolCall, ToolSpec, Usage
-from .codec import check_depth
+from .codec import loads_json
 from .errors import RequestError
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -45,17 +46,12 @@ class ParsedChatRequest:
     named_tool_choice: bool
 
 
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def load_json(body: bytes, max_depth: int = 64) -> Any:
     """Decode a request body, refusing NaN/Infinity, nesting past ``max_depth`` and
     anything that is not JSON."""
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
-        check_depth(value, max_depth)
-        return value
+        text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads
+        return loads_json(text, max_depth)
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         # RecursionError is not a ValueError: deep nesting must still be a 400.
         raise RequestError(
@@ -409,6 +405,7 @@ def parse_chat_request(
         stop=_stop(data),
         options=passthrough,
         user=user,
+        stream=stream,
     )
     return ParsedChatRequest(
         request=request,
@@ -481,11 +478,10 @@ def chat_completion(
 
 def chunk_prefix(*, id: str, created: int, model: str) -> bytes:
     """The JSON text every chunk of one stream starts with (id, created, model never vary)."""
-    head = json.dumps(
-        {"id": id, "object": "chat.completion.chunk", "created": created, "model": model},
-        separators=(",", ":"),
+    head = sse.dumps(
+        {"id": id, "object": "chat.completion.chunk", "created": created, "model": model}
     )
-    return head[:-1].encode("ascii") + b","
+    return head[:-1] + b","
 
 
 def chunk_json(prefix: bytes, choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
@@ -493,7 +489,7 @@ def chunk_json(prefix: bytes, choices: list[dict[str, Any]], usage: Usage | None
     tail: dict[str, Any] = {"choices": choices}
     if usage is not None:
         tail["usage"] = usage_body(usage)
-    return prefix + json.dumps(tail, separators=(",", ":")).encode("ascii")[1:]
+    return prefix + sse.dumps(tail)[1:]
 
 
 def content_chunk_frame(prefix: bytes, index: int) -> tuple[bytes, bytes]:

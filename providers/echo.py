@@ -4,7 +4,9 @@ Rules of this module (PROTOCOL.md §1):
 
 * The reply is the text of the last user message, streamed one word per ``TextDelta``, each
   word with the whitespace after it (leading whitespace rides on the first word), so the
-  deltas concatenate to the reply exactly.
+  deltas concatenate to the reply exactly. A request that is not streamed
+  (``ChatRequest.stream``) gets the same text as one ``TextDelta``, unless ``/slow`` asks
+  for a pause before every word.
 * "Tokens" are whitespace-separated words, for usage and for ``max_tokens`` alike.
 * A directive is the first word of the stripped last user message; anything that does not
   parse as one is echoed verbatim, so a client can never make this provider fail by accident.
@@ -15,6 +17,7 @@ Rules of this module (PROTOCOL.md §1):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -106,8 +109,18 @@ class EchoProvider:
         reply = _cut_at_stop(plan.reply, request.stop)
         limit = request.max_tokens
         delay = plan.delay
+        if not request.stream and not delay:
+            # Nobody sees the words before the answer is complete (a non-streamed
+            # completion): the whole reply is one piece, made without a loop turn per word.
+            text, words = _first_words(reply, limit)
+            if text:
+                yield TextDelta(text=text)
+            reason: FinishReason = "stop" if text == reply else "length"
+            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=words)
+            yield Finish(reason=reason, usage=usage)
+            return
         words = 0
-        reason: FinishReason = "stop"
+        reason = "stop"
         # Pieces are made one at a time: a multi-megabyte request must not become a list of
         # a million strings before its first word goes out.
         for index, piece in enumerate(_iter_pieces(reply)):
@@ -242,6 +255,15 @@ def _iter_pieces(text: str) -> Iterator[str]:
         yield piece
     if first and lead:
         yield text  # whitespace only: still sent, so the deltas always join to the reply
+
+
+def _first_words(text: str, limit: int | None) -> tuple[str, int]:
+    """``text`` up to ``limit`` words (each with its trailing whitespace, as the streamed
+    pieces join) and how many words that is."""
+    words = _count_words(text)
+    if limit is None or words <= limit:
+        return text, words
+    return "".join(itertools.islice(_iter_pieces(text), limit)), limit
 
 
 def _count_words(text: str) -> int:

@@ -174,6 +174,63 @@ def test_max_tokens_applies_after_the_stop_cut() -> None:
     assert finish(items).reason == "stop"
 
 
+# --- non-streamed requests -----------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(alphabet=st.sampled_from("ab .\t\n"), max_size=40),
+    st.none() | st.integers(min_value=0, max_value=12),
+    st.lists(st.sampled_from([".", "b a", "", "\n"]), max_size=2),
+)
+def test_a_non_streamed_request_gets_the_streamed_text_in_one_piece(
+    text: str, max_tokens: int | None, stop: list[str]
+) -> None:
+    """What a non-streamed client sees is what the streamed pieces join to, with the same
+    finish reason and usage: only the number of pieces differs."""
+    assume(not text.lstrip().startswith("/"))
+    fields: dict[str, Any] = {"max_tokens": max_tokens, "stop": tuple(stop)}
+    streamed = collect(make_request(text, **fields))
+    whole = collect(make_request(text, stream=False, **fields))
+    joined = "".join(texts(streamed))
+    assert texts(whole) == ([joined] if joined else [])
+    assert finish(whole) == finish(streamed)
+
+
+def test_a_non_streamed_answer_takes_no_event_loop_turn_per_word() -> None:
+    text = " ".join(["w"] * 500)
+
+    async def main() -> tuple[int, list[ProviderItem]]:
+        turns = 0
+
+        async def count() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counter = asyncio.create_task(count())
+        await asyncio.sleep(0)
+        before = turns
+        items = [
+            i async for i in EchoProvider(yield_every=1).stream(make_request(text, stream=False))
+        ]
+        counter.cancel()
+        return turns - before, items
+
+    turns, items = asyncio.run(main())
+    assert turns == 0
+    assert texts(items) == [text]
+    assert finish(items) == Finish(
+        reason="stop", usage=Usage(prompt_tokens=500, completion_tokens=500)
+    )
+
+
+def test_slow_still_pauses_before_every_word_of_a_non_streamed_answer() -> None:
+    items = collect(make_request("/slow 1 a b c", stream=False))
+    assert texts(items) == ["a ", "b ", "c"]
+
+
 # --- tools -------------------------------------------------------------------------------
 
 
