@@ -7,8 +7,9 @@ results) prints CPU microseconds (``time.process_time``, best of 5 rounds) for:
 * ``h11 cycle``: h11 alone parsing W1's request and writing a response with wirechat's
   headers and body (``next_event`` x2, ``send`` x3, ``start_next_cycle``): what any server
   built on h11 pays per request before doing anything of its own;
-* ``engine W1`` / ``engine W3``: wirechat's whole ``ServerConnection`` answering W1 (50
-  provider items, non-streamed) and ``GET /v1/models``, with the provider answered in-process;
+* ``engine W1`` / ``engine W3``: wirechat's whole ``ServerConnection`` answering W1 (the
+  50-word answer as one provider item, as echo gives a non-streamed request) and
+  ``GET /v1/models``, with the provider answered in-process;
 * ``engine /chat token``: one ``chunk`` frame of a W4 turn (JSON and MessagePack).
 
 Divide a million by a figure for the most requests per CPU-second a server could do if that
@@ -39,6 +40,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import BytesMessage, Request, TextMessage
 
 WORDS = [f"word{i} " for i in range(50)]
+REPLY = "".join(WORDS).strip()
 BODY = json.dumps(
     {"model": "echo", "messages": [{"role": "user", "content": "".join(WORDS).strip()}]}
 ).encode()
@@ -95,8 +97,8 @@ def engine_http(request: bytes) -> Callable[[int], None]:
                 if isinstance(effect, ListModels):
                     conn.models_listed(effect.stream_id, MODELS, now)
                 elif isinstance(effect, CallProvider):
-                    for word in WORDS:
-                        conn.provider_chunk(effect.stream_id, TextDelta(text=word), now)
+                    # Non-streamed, echo answers in one piece (ChatRequest.stream is False).
+                    conn.provider_chunk(effect.stream_id, TextDelta(text=REPLY), now)
                     conn.provider_chunk(effect.stream_id, Finish(reason="stop", usage=usage), now)
                     conn.provider_done(effect.stream_id, now)
             conn.data_to_send()

@@ -38,6 +38,28 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"MessagePack extension type {code} is not accepted")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 is valid JSON that decodes to infinity
+        raise ValueError("numbers must be finite")
+    return value
+
+
+# json.loads with any argument builds a new decoder per call; this one is made once.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
+def loads_json(text: str, max_depth: int) -> Any:
+    """Strict JSON: NaN, Infinity and numbers that overflow to them are refused, and so is
+    nesting past ``max_depth`` (``ValueError`` or ``RecursionError``)."""
+    value = _JSON_DECODER.decode(text)
+    # Nesting needs a bracket per level: a text with no more brackets than the limit (in
+    # strings or not) cannot exceed it, and most bodies and frames skip the walk.
+    if text.count("{") + text.count("[") > max_depth:
+        check_depth(value, max_depth)
+    return value
+
+
 def check_depth(value: Any, max_depth: int) -> None:
     """Iterative walk (no recursion of our own) over containers, refusing odd types."""
     stack: list[tuple[Any, int]] = [(value, 1)]
@@ -67,7 +89,7 @@ def decode_frame(data: str | bytes, *, max_depth: int) -> dict[str, Any]:
     """Decode one WebSocket message (text: JSON, bytes: MessagePack) into an object."""
     try:
         if isinstance(data, str):
-            value = json.loads(data, parse_constant=_refuse_constant)
+            value = loads_json(data, max_depth)
         else:
             value = msgpack.unpackb(
                 data,
@@ -82,7 +104,8 @@ def decode_frame(data: str | bytes, *, max_depth: int) -> dict[str, Any]:
         raise FrameDecodeError(f"could not decode frame: {exc}") from None
     if not isinstance(value, dict):
         raise FrameDecodeError("a frame must be an object")
-    check_depth(value, max_depth)
+    if not isinstance(data, str):  # loads_json made its own checks
+        check_depth(value, max_depth)
     return value
 
 

@@ -28,12 +28,16 @@ class CompletionRun:
         self.created = created
         self.choice = 0
         self.usage = Usage()
-        self._prefix = openai.chunk_prefix(
-            id=completion_id, created=created, model=parsed.request.model
-        )
         self._choice_opened = False
         self._streaming = parsed.stream
-        self._content_frame = openai.content_chunk_frame(self._prefix, 0)
+        # Only a stream writes chunks: a non-streamed answer never builds their templates.
+        self._prefix = b""
+        self._content_frame = (b"", b"")
+        if parsed.stream:
+            self._prefix = openai.chunk_prefix(
+                id=completion_id, created=created, model=parsed.request.model
+            )
+            self._content_frame = openai.content_chunk_frame(self._prefix, 0)
         self._text: list[str] = []
         self._calls: list[ToolCall] = []
         self._finish: Finish | None = None
@@ -109,7 +113,8 @@ class CompletionRun:
 
     def next_choice(self) -> None:
         self.choice += 1
-        self._content_frame = openai.content_chunk_frame(self._prefix, self.choice)
+        if self._streaming:
+            self._content_frame = openai.content_chunk_frame(self._prefix, self.choice)
         self._choice_opened = False
         self._text = []
         self._calls = []

@@ -25,7 +25,6 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -57,6 +56,7 @@ from .events import (
     WebSocketClosed,
 )
 from .http_head import ChunkedBodyCheck, check_request_head
+from .http_response import LAST_CHUNK, keeps_alive, reason, response_head
 from .limits import Admission, Ticket
 from .openapi import OPENAPI_JSON
 from .predict_session import PredictSession
@@ -105,7 +105,8 @@ class _Exchange:
     job_id: str | None = None  # a workflow run over HTTP
     job_result: dict[str, object] | None = None
     status: int = 0
-    chunked: bool = True  # how h11 frames this streamed body (see _stream)
+    keep_alive: bool = True  # the client lets the connection live on (http_response.py)
+    chunked: bool = True  # a streamed body's framing: chunked, or to the close (HTTP/1.0)
 
 
 @dataclass(slots=True)
@@ -548,7 +549,8 @@ class ServerConnection:
                 return
 
     def _on_request(self, request: h11.Request, now: float) -> None:
-        headers = {name: value for name, value in request.headers}
+        fields = list(request.headers)  # h11's Headers iterate slowly (Sequence.__iter__)
+        headers = dict(fields)
         supplied_id = headers.get(b"x-request-id", b"").decode("latin-1")
         origin = headers.get(b"origin")
         ex = _Exchange(
@@ -560,6 +562,7 @@ class ServerConnection:
             requested_headers=headers.get(b"access-control-request-headers"),
             host=headers.get(b"host", b"").decode("latin-1"),
         )
+        ex.keep_alive = keeps_alive(request.http_version, fields)
         self._ex = ex
         length = headers.get(b"content-length")
         if length is not None and int(length) > self.config.max_body_bytes:
@@ -772,22 +775,21 @@ class ServerConnection:
         if self._phase is Phase.WORKING:
             headers = self._headers(ex, b"text/event-stream", now)
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-            if self._shutdown_deadline is not None:
+            # Chunked for an HTTP/1.1 client; an HTTP/1.0 one reads to the close.
+            version = conn.their_http_version
+            ex.chunked = version is not None and version >= b"1.1"
+            if ex.chunked:
+                headers.append((b"transfer-encoding", b"chunked"))
+            if not (ex.chunked and ex.keep_alive) or self._shutdown_deadline is not None:
+                ex.keep_alive = False
                 headers.append((b"connection", b"close"))
-            self._out += conn.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
+            self._out += response_head(200, headers)
             self._set_phase(Input.RESPONSE_STARTED)
             ex.status = 200
             if ex.run is not None:  # a completion (not a workflow's event stream)
                 route = Endpoint.CHAT_COMPLETIONS.value
                 self._outputs.append(FirstTokenSent(route=route, waited=now - ex.started))
-            # h11 chose the body's framing with the head: chunked for an HTTP/1.1 peer,
-            # else the bytes as they are until the close.
-            version = conn.their_http_version
-            ex.chunked = version is not None and version >= b"1.1"
         if data:
-            # Framed here rather than by h11.send(Data): the same bytes (the tests read them
-            # with an h11 client), without h11's per-event state machine, a large part of a
-            # streamed token's cost. h11 still writes the head and the last chunk.
             out = self._out
             if ex.chunked:
                 out += b"%x\r\n" % len(data)
@@ -797,9 +799,8 @@ class ServerConnection:
                 out += data
 
     def _end_stream(self, ex: _Exchange, now: float) -> None:
-        conn = self._h11
-        assert conn is not None
-        self._out += conn.send(h11.EndOfMessage())
+        if ex.chunked:
+            self._out += LAST_CHUNK
         self._finish_exchange(ex, now, streamed=True)
 
     def _respond_error(
@@ -822,8 +823,6 @@ class ServerConnection:
         close: bool = False,
         content_type: bytes = b"application/json",
     ) -> None:
-        conn = self._h11
-        assert conn is not None
         headers = self._headers(ex, content_type if status != 204 else None, now)
         if ex.route is not None and ex.route.endpoint is Endpoint.PREFLIGHT:
             headers.append((b"allow", ex.route.allow.encode("ascii")))
@@ -831,14 +830,12 @@ class ServerConnection:
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
         if status != 204:
             headers.append((b"content-length", str(len(body)).encode("ascii")))
-        if close or self._shutdown_deadline is not None:
+        if close or not ex.keep_alive or self._shutdown_deadline is not None:
+            ex.keep_alive = False
             headers.append((b"connection", b"close"))
-        self._out += conn.send(
-            h11.Response(status_code=status, headers=headers, reason=_reason(status))
-        )
+        self._out += response_head(status, headers)
         if body and ex.method != "HEAD":  # a HEAD answer has the GET headers, no body
-            self._out += conn.send(h11.Data(data=body))
-        self._out += conn.send(h11.EndOfMessage())
+            self._out += body
         ex.status = status
         self._finish_exchange(ex, now, streamed=False)
 
@@ -900,9 +897,7 @@ class ServerConnection:
         self._outputs.append(_record(ex, ex.status, now, streamed=streamed))
         self._ex = None
         keep_alive = (
-            conn.our_state is h11.DONE
-            and conn.their_state is h11.DONE
-            and self._shutdown_deadline is None
+            ex.keep_alive and conn.their_state is h11.DONE and self._shutdown_deadline is None
         )
         if not keep_alive:
             self._close()
@@ -1176,17 +1171,9 @@ def _fatal_response(status: int, message: str, request_id: str, *, head_only: bo
     # To a HEAD no body may follow; "content-length: 0" keeps the framing true both for the
     # client that sent HEAD and for one that cannot tell what a refused request was.
     body = b"" if head_only else sse.dumps(openai.error_body(error))
-    reason = _reason(status)
     head = (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
         b"x-request-id: %s\r\nconnection: close\r\n\r\n"
-        % (status, reason, len(body), request_id.encode("ascii"))
+        % (status, reason(status), len(body), request_id.encode("ascii"))
     )
     return head + body
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""

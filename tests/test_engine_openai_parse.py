@@ -126,6 +126,35 @@ def test_nesting_beyond_the_configured_depth_is_400() -> None:
     assert peer.last_reply().status == 400
 
 
+@pytest.mark.parametrize("depth", [3, 63, 64, 65, 80])
+@pytest.mark.parametrize("noise", ["", "[[{{" * 40])
+def test_the_depth_limit_holds_exactly_whatever_brackets_the_strings_hold(
+    depth: int, noise: str
+) -> None:
+    """The body object is level 1: ``metadata`` nested ``depth`` levels reaches depth + 1.
+    Brackets inside strings only make the decoder look closer (they nest nothing)."""
+    from wirechat.engine.codec import loads_json
+
+    nested = "[" * depth + json.dumps(noise) + "]" * depth
+    text = f'{{"metadata": {nested}}}'
+    if depth + 1 <= 64:
+        assert loads_json(text, 64) == {"metadata": json.loads(nested)}
+    else:
+        with pytest.raises(ValueError, match="nesting deeper than 64"):
+            loads_json(text, 64)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" * 400 + ".0", "1e-400"])
+def test_a_float_that_overflows_is_refused_while_parsing(number: str) -> None:
+    from wirechat.engine.codec import loads_json
+
+    if number == "1e-400":  # underflows to 0.0: finite, accepted like OpenAI does
+        assert loads_json(f"[{number}]", 64) == [0.0]
+    else:
+        with pytest.raises(ValueError, match="finite"):
+            loads_json(f"[{number}]", 64)
+
+
 @pytest.mark.parametrize("field", ["n", "max_tokens", "seed", "metadata"])
 def test_5000_digit_integer_is_400(field: str) -> None:
     body = chat_body()[:-1] + f', "{field}": {"9" * 5000}}}'.encode()
