@@ -4,7 +4,7 @@ Rules of this module:
 
 * Knows the OpenAI response format and nothing of HTTP framing: it returns SSE event bytes
   (streaming) or the final JSON body (non-streaming); the connection decides when the
-  response head goes out and wraps the bytes in h11 events.
+  response head goes out and frames the bytes (chunked or not).
 * ``n`` choices are produced by ``n`` provider calls, one after another, each with its own
   role chunk and finish chunk. Choices are never interleaved, so choice *k* opens only after
   choices ``0..k-1`` (what openai-python's stream helper requires, reference §4.3).

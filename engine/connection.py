@@ -12,7 +12,8 @@ Rules of this module:
   ``CloseTransport`` effect. Any other exception is a bug in the engine.
 * One request is handled at a time (HTTP/1.1 pipelining is answered in order). The bytes of
   each request head are checked by ``http_head`` *before* h11 sees them, so a fresh
-  ``h11.Connection`` serves each request and pipelined bytes wait in ``_inbuf``.
+  ``h11.Connection`` reads each request and pipelined bytes wait in ``_inbuf``. Responses
+  are written by ``http_response`` (the 100 and 101 interim answers still by h11).
 * The response head of a completion goes out only with the provider's first item, so every
   failure before the first token is a plain HTTP error (reference/openai-compat.md §4.1).
 """
