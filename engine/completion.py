@@ -37,7 +37,7 @@ class CompletionRun:
             self._prefix = openai.chunk_prefix(
                 id=completion_id, created=created, model=parsed.request.model
             )
-            self._content_frame = openai.content_chunk_frame(self._prefix, 0)
+            self._content_frame = _content_event(self._prefix, 0)
         self._text: list[str] = []
         self._calls: list[ToolCall] = []
         self._finish: Finish | None = None
@@ -59,7 +59,7 @@ class CompletionRun:
                 return b""
             if self._streaming:
                 head, tail = self._content_frame
-                return b"data: " + head + sse.dumps_text(item.text) + tail + b"\n\n"
+                return head + sse.dumps_text(item.text) + tail
             self._text.append(item.text)  # a stream never needs the whole text again
             return b""
         if isinstance(item, Finish):
@@ -78,7 +78,7 @@ class CompletionRun:
                 self._text.append(item.text)  # a stream never needs the whole text again
             else:
                 head, tail = self._content_frame
-                out += b"data: " + head + sse.dumps_text(item.text) + tail + b"\n\n"
+                out += head + sse.dumps_text(item.text) + tail
             return out
         index = len(self._calls)
         self._calls.append(item)
@@ -114,7 +114,7 @@ class CompletionRun:
     def next_choice(self) -> None:
         self.choice += 1
         if self._streaming:
-            self._content_frame = openai.content_chunk_frame(self._prefix, self.choice)
+            self._content_frame = _content_event(self._prefix, self.choice)
         self._choice_opened = False
         self._text = []
         self._calls = []
@@ -153,3 +153,9 @@ class CompletionRun:
 
     def _event(self, choices: list[dict[str, Any]]) -> bytes:
         return sse.raw_event(openai.chunk_json(self._prefix, choices))
+
+
+def _content_event(prefix: bytes, index: int) -> tuple[bytes, bytes]:
+    """The SSE event of a content delta as the bytes around its JSON-encoded text."""
+    head, tail = openai.content_chunk_frame(prefix, index)
+    return b"data: " + head, tail + b"\n\n"

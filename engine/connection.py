@@ -163,6 +163,14 @@ class ServerConnection:
         meanwhile; a timer that fires before it is harmless (``handle_timer``)."""
         return bool(self._out) or bool(self._outputs)
 
+    @property
+    def has_only_data(self) -> bool:
+        """Whether the last input produced bytes and nothing else (no effect, no notice):
+        a streamed token, nearly always. The transport may then write ``data_to_send()``
+        and skip the rest of its pass, as after an input with no output at all: such an
+        input moves no deadline earlier and changes nothing about reading."""
+        return not self._outputs and bool(self._out)
+
     def next_deadline(self) -> float | None:
         """When to call ``handle_timer`` next (same clock as ``now``), or ``None``."""
         if self._phase is Phase.CLOSED:

@@ -1502,3 +1502,31 @@ def test_a_client_gone_mid_answer_leaves_one_abandoned_record(stream: bool) -> N
     idle.answer(idle.calls[0].stream_id, TextDelta(text="x"))
     idle.eof()
     assert idle.of_type(RequestAbandoned) == []
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_has_only_data_marks_the_inputs_whose_output_is_bytes_alone(stream: bool) -> None:
+    """The transport writes ``data_to_send()`` and skips the rest of its pass when
+    ``has_only_data``: it must never hide an effect or a notice."""
+    from wirechat.engine import CallProvider, ServerConnection
+
+    conn = ServerConnection(EngineConfig(), T0)
+    body = chat_body(stream=stream)
+    conn.receive_data(encode_request("POST", "/v1/chat/completions", [], body), T0)
+    assert not conn.has_only_data  # a CallProvider is out
+    (call,) = [e for e in conn.effects() if isinstance(e, CallProvider)]
+    conn.data_to_send()
+    seen: list[tuple[bool, bool, bool]] = []
+    for word in ("one ", "two ", "three"):
+        conn.provider_chunk(call.stream_id, TextDelta(text=word), T0)
+        only = conn.has_only_data
+        effects, data = conn.effects(), conn.data_to_send()
+        seen.append((only, bool(effects), bool(data)))
+        assert not (only and effects)
+    if stream:
+        # the first token starts the response (a FirstTokenSent notice); the rest are bytes
+        assert seen == [(False, True, True), (True, False, True), (True, False, True)]
+    else:
+        assert seen == [(False, False, False)] * 3  # gathered until the end: nothing at all
+    conn.provider_done(call.stream_id, T0)
+    assert not conn.has_only_data  # the end of the exchange: its access-log record is out

@@ -108,6 +108,9 @@ class Metrics:
         # are kept here instead, keyed by their label values.
         self._request_children: dict[tuple[str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
+        self._ttft_children: dict[str, Histogram] = {}
+        # Per model (at most MAX_MODELS + "other"): (prompt, completion) token counters.
+        self._token_children: dict[str, tuple[Counter, Counter]] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -127,14 +130,23 @@ class Metrics:
             latency.observe(done.duration)
 
     def first_token_sent(self, sent: FirstTokenSent) -> None:
-        self._ttft.labels(sent.route).observe(sent.waited)
+        ttft = self._ttft_children.get(sent.route)
+        if ttft is None:
+            ttft = self._ttft_children[sent.route] = self._ttft.labels(sent.route)
+        ttft.observe(sent.waited)
 
     def usage_reported(self, usage: UsageReported) -> None:
         model = self._model(usage.model)
+        counters = self._token_children.get(model)
+        if counters is None:
+            counters = self._token_children[model] = (
+                self._prompt_tokens.labels(model),
+                self._completion_tokens.labels(model),
+            )
         if usage.prompt_tokens > 0:
-            self._prompt_tokens.labels(model).inc(usage.prompt_tokens)
+            counters[0].inc(usage.prompt_tokens)
         if usage.completion_tokens > 0:
-            self._completion_tokens.labels(model).inc(usage.completion_tokens)
+            counters[1].inc(usage.completion_tokens)
 
     def provider_failed(self, failed: ProviderFailed) -> None:
         provider, model = "none", failed.model

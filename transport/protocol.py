@@ -328,7 +328,9 @@ class EngineProtocol(asyncio.Protocol):
             async with contextlib.aclosing(stream):  # type: ignore[type-var]
                 async for item in stream:
                     conn.provider_chunk(sid, item, time.time())
-                    if conn.has_output:
+                    if conn.has_only_data:  # a streamed token: only its bytes to write
+                        self._write(conn.data_to_send())
+                    elif conn.has_output:
                         self._pump()
                     if not self._writable.is_set():
                         await self._drain()
