@@ -43,6 +43,8 @@ from wirechat.engine.chat import (
     Usage,
 )
 
+from .http_clients import UpstreamClients
+
 # Anthropic's stop reasons as OpenAI finish reasons (reference/openai-compat.md §3). An
 # unknown reason maps to None, so the engine picks "stop" or "tool_calls" itself.
 _FINISH_REASONS: dict[str, FinishReason] = {
@@ -84,12 +86,11 @@ class AnthropicProvider:
         # Anthropic's SDKs take the URL without "/v1"; accept it with, as OpenAI-style URLs go.
         self._base_url = base_url.rstrip("/").removesuffix("/v1")
         self._models = tuple(models)
-        self._connect_timeout = connect_timeout
         self._max_tokens_default = max_tokens_default
         self._version = version
         self._catch_all = catch_all
         self._listed: frozenset[str] = frozenset()
-        self._client: httpx.AsyncClient | None = None
+        self._clients = UpstreamClients(connect_timeout=connect_timeout)
 
     def serves(self, model: str) -> bool:
         return (
@@ -121,25 +122,28 @@ class AnthropicProvider:
         headers["content-type"] = "application/json"
         connected = False
         try:
-            async with self._http().stream(
-                "POST", f"{self._base_url}/v1/messages", headers=headers, content=payload
-            ) as response:
-                connected = True
-                if response.status_code != 200:
-                    raise await _http_error(response)
-                translator = _Translator()
-                async with contextlib.aclosing(_sse_events(response.aiter_lines())) as events:
-                    async for event, data in events:
-                        item = translator.feed(event, data)
-                        if translator.finished:
-                            # Read the (empty) rest first: a response read to its end lets
-                            # httpx keep the connection for the next request.
-                            await _drain(events)
-                        if item is not None:
-                            yield item
-                        if translator.finished:
-                            return
-                raise ProviderError("The Anthropic stream ended before message_stop.", status=502)
+            with self._clients.lease() as client:
+                async with client.stream(
+                    "POST", f"{self._base_url}/v1/messages", headers=headers, content=payload
+                ) as response:
+                    connected = True
+                    if response.status_code != 200:
+                        raise await _http_error(response)
+                    translator = _Translator()
+                    async with contextlib.aclosing(_sse_events(response.aiter_lines())) as events:
+                        async for event, data in events:
+                            item = translator.feed(event, data)
+                            if translator.finished:
+                                # Read the (empty) rest first: a response read to its end lets
+                                # httpx keep the connection for the next request.
+                                await _drain(events)
+                            if item is not None:
+                                yield item
+                            if translator.finished:
+                                return
+                    raise ProviderError(
+                        "The Anthropic stream ended before message_stop.", status=502
+                    )
         except httpx.TimeoutException as error:
             raise ProviderError(
                 f"Timed out connecting to Anthropic: {error}", status=504, code="upstream_timeout"
@@ -152,21 +156,8 @@ class AnthropicProvider:
             raise _unreachable(error) from error
 
     async def aclose(self) -> None:
-        """Close the shared HTTP client (a later call opens a new one)."""
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
-
-    def _http(self) -> httpx.AsyncClient:
-        # Created lazily so that it is bound to the event loop that uses it.
-        if self._client is None or self._client.is_closed:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(None, connect=self._connect_timeout),
-                # The engine bounds concurrent turns; a pool limit here would only make the
-                # excess streams wait forever (there is no pool timeout).
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
-            )
-        return self._client
+        """Close the pooled connections (a later call opens new ones)."""
+        await self._clients.aclose()
 
     def _headers(self, accept: str) -> dict[str, str]:
         headers = {"anthropic-version": self._version, "accept": accept}
@@ -179,11 +170,12 @@ class AnthropicProvider:
         params: dict[str, str | int] = {"limit": _MODELS_PAGE_LIMIT}
         for _ in range(_MAX_MODEL_PAGES):
             try:
-                response = await self._http().get(
-                    f"{self._base_url}/v1/models",
-                    headers=self._headers("application/json"),
-                    params=params,
-                )
+                with self._clients.lease() as client:
+                    response = await client.get(
+                        f"{self._base_url}/v1/models",
+                        headers=self._headers("application/json"),
+                        params=params,
+                    )
             except httpx.TimeoutException as error:
                 raise ProviderError(
                     f"Timed out connecting to Anthropic: {error}",

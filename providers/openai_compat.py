@@ -3,8 +3,8 @@ LM Studio, Groq, another wirechat, ...) over httpx.
 
 Rules of this module:
 
-* One pooled ``httpx.AsyncClient`` per provider, created lazily inside the running loop (a
-  provider may be built before any loop exists) and replaced if the loop changes.
+* The httpx clients come from ``UpstreamClients`` (http_clients.py): made lazily in the
+  running loop, a few small connection pools instead of one big one.
 * Every upstream call streams (``"stream": true`` with usage), whatever the client asked
   for: the engine builds non-streaming answers from the same items.
 * No read timeout: the engine enforces the first-item and idle timeouts and cancels the
@@ -46,6 +46,8 @@ from wirechat.engine.chat import (
     Usage,
 )
 
+from .http_clients import UpstreamClients
+
 # How much of an upstream error body is read: enough for any envelope, bounded against junk.
 ERROR_BODY_LIMIT = 64 * 1024
 # One SSE line or event, and a whole JSON body (/models, a non-streamed completion).
@@ -60,7 +62,6 @@ DRAIN_TIMEOUT = 0.25
 DRAIN_LIMIT = 64 * 1024
 # No cap on connections: a cap would queue streams (with no pool timeout) behind other
 # streams. Idle connections expire before typical upstream keep-alive timeouts (5 s).
-_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=4.0)
 
 # Fields the request body sets itself; an option of the same name never overrides them.
 _RESERVED = frozenset(
@@ -137,8 +138,7 @@ class OpenAICompatProvider:
             self._headers["authorization"] = f"Bearer {api_key}"
         # Cleared for good when the upstream refuses ``stream_options`` (Mistral, old servers).
         self._include_usage = True
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clients = UpstreamClients(connect_timeout=connect_timeout, headers=self._headers)
 
     def __repr__(self) -> str:
         return f"OpenAICompatProvider(name={self.name!r}, base_url={self._where!r})"
@@ -168,76 +168,61 @@ class OpenAICompatProvider:
         return models
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ProviderItem]:
-        response = await self._open(request)
-        try:
-            content_type = response.headers.get("content-type", "")
-            if content_type.startswith("application/json"):
-                # An upstream that ignores "stream": a whole chat.completion.
-                body = await _read_bounded(response, MAX_JSON_BYTES)
-                for item in self._completion_items(body):
-                    yield item
-                return
-            assembler = _Assembler(self.name)
-            parser = _SSEParser()
-            chunks = response.aiter_bytes()
-            done = False
-            async for data in chunks:
-                for payload in parser.feed(data):
-                    if payload.startswith(b"[DONE]"):
-                        done = True
-                        break
-                    for item in assembler.event(payload):
+        # The lease lasts as long as the response is read: its connection is in use.
+        with self._clients.lease() as client:
+            response = await self._open(client, request)
+            try:
+                content_type = response.headers.get("content-type", "")
+                if content_type.startswith("application/json"):
+                    # An upstream that ignores "stream": a whole chat.completion.
+                    body = await _read_bounded(response, MAX_JSON_BYTES)
+                    for item in self._completion_items(body):
                         yield item
+                    return
+                assembler = _Assembler(self.name)
+                parser = _SSEParser()
+                chunks = response.aiter_bytes()
+                done = False
+                async for data in chunks:
+                    for payload in parser.feed(data):
+                        if payload.startswith(b"[DONE]"):
+                            done = True
+                            break
+                        for item in assembler.event(payload):
+                            yield item
+                    if done:
+                        break
+                else:
+                    for payload in parser.close():
+                        if payload.startswith(b"[DONE]"):
+                            done = True
+                            break
+                        for item in assembler.event(payload):
+                            yield item
                 if done:
-                    break
-            else:
-                for payload in parser.close():
-                    if payload.startswith(b"[DONE]"):
-                        done = True
-                        break
-                    for item in assembler.event(payload):
-                        yield item
-            if done:
-                await _drain(chunks)
-            for item in assembler.end(done=done):
-                yield item
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc, mid_stream=True) from exc
-        finally:
-            # Runs on cancellation and on aclose() too: the upstream stops generating now.
-            await response.aclose()
+                    await _drain(chunks)
+                for item in assembler.end(done=done):
+                    yield item
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc, mid_stream=True) from exc
+            finally:
+                # Runs on cancellation and on aclose() too: the upstream stops generating now.
+                await response.aclose()
 
     async def aclose(self) -> None:
-        """Close the pooled connections (a later call opens a new client)."""
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            await client.aclose()
-        # A client of another loop cannot be awaited from this one: it is dropped and its
-        # idle sockets are left to the garbage collector. Close a provider in its own loop.
+        """Close the pooled connections (a later call opens new ones). Close a provider in
+        its own loop: the clients of another loop are dropped (http_clients.py)."""
+        await self._clients.aclose()
 
     # --- HTTP ---------------------------------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        client = self._client
-        if client is None or client.is_closed or self._loop is not loop:
-            client = httpx.AsyncClient(
-                headers=self._headers,
-                timeout=httpx.Timeout(None, connect=self._connect_timeout),
-                limits=_LIMITS,
-                follow_redirects=False,
-            )
-            self._client, self._loop = client, loop
-        return client
-
-    async def _open(self, request: ChatRequest) -> httpx.Response:
+    async def _open(self, client: httpx.AsyncClient, request: ChatRequest) -> httpx.Response:
         """POST the request; the response with a 2xx status, its body not read yet.
 
         Sent at most twice: once more when a pooled connection turns out to have been closed
         by the upstream before it answered, and once more without ``stream_options`` when
         the upstream refuses that field.
         """
-        client = self._http()
         for attempt in (1, 2):
             body = _request_body(request, include_usage=self._include_usage)
             http_request = client.build_request(
@@ -274,19 +259,19 @@ class OpenAICompatProvider:
 
     async def _fetch_models(self) -> dict[str, int]:
         """``GET /models``: the listed ids (in order, once each) and their ``created``."""
-        client = self._http()
         timeout = httpx.Timeout(LIST_MODELS_TIMEOUT, connect=self._connect_timeout)
-        http_request = client.build_request("GET", self._models_url, timeout=timeout)
-        try:
-            response = await client.send(http_request, stream=True)
+        with self._clients.lease() as client:
+            http_request = client.build_request("GET", self._models_url, timeout=timeout)
             try:
-                if not response.is_success:
-                    raise await self._status_error(response)
-                body = await _read_bounded(response, MAX_JSON_BYTES)
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from exc
+                response = await client.send(http_request, stream=True)
+                try:
+                    if not response.is_success:
+                        raise await self._status_error(response)
+                    body = await _read_bounded(response, MAX_JSON_BYTES)
+                finally:
+                    await response.aclose()
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc) from exc
         try:
             parsed: Any = json.loads(body)
         except (ValueError, RecursionError):
