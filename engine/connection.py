@@ -889,9 +889,11 @@ class ServerConnection:
     def _preflight_headers(self, ex: _Exchange) -> list[tuple[bytes, bytes]]:
         if self._allowed_origin(ex) is None:
             return []
-        # Reflect what the browser asks for: SDKs keep adding x-stainless-* headers (B13).
+        # The path's own methods, as in Allow. Reflect the headers the browser asks for:
+        # SDKs keep adding x-stainless-* headers (B13).
+        assert ex.route is not None  # a preflight was routed
         return [
-            (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+            (b"access-control-allow-methods", ex.route.allow.encode("ascii")),
             (
                 b"access-control-allow-headers",
                 ex.requested_headers or b"authorization, content-type",

@@ -781,10 +781,13 @@ def test_options_preflight_with_cors_origins_reflects_requested_headers() -> Non
     assert reply.status == 204
     assert reply.header("access-control-allow-origin") == "https://app.example"
     assert reply.header("access-control-allow-headers") == asked
-    methods = {m.strip() for m in (reply.header("access-control-allow-methods") or "").split(",")}
-    assert {"POST", "GET", "OPTIONS"} <= methods
+    assert _methods(reply.header("access-control-allow-methods")) == POST_ALLOW
     assert _methods(reply.header("allow")) == POST_ALLOW
     assert reply.header("access-control-allow-credentials") is None
+
+    # A GET path grants its own methods, not POST.
+    peer.request("OPTIONS", "/v1/models", [("Origin", "https://app.example")])
+    assert _methods(peer.last_reply().header("access-control-allow-methods")) == GET_ALLOW
 
     # An origin that is not configured gets no CORS grant.
     peer.request("OPTIONS", "/v1/models", [("Origin", "https://evil.example")])
