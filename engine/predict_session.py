@@ -175,11 +175,12 @@ class PredictSession:
                 "workflow_id": workflow_id,
             }
             return [reply, *(e for e in value if isinstance(e, dict))]
-        if value is not None:  # stream_input / end_input_stream: an error text
-            return [{"error": str(value), "job_id": job_id}]
-        if command == "stream_input":
-            return [{"message": "Input item streamed", "job_id": job_id}]
-        return [{"message": "Input stream ended", "job_id": job_id}]
+        # stream_input / end_input_stream: an error text, or done ({"workflow_id"} of the job)
+        if isinstance(value, str):
+            return [{"error": value, "job_id": job_id}]
+        workflow_id = value.get("workflow_id") if isinstance(value, dict) else None
+        message = "Input item streamed" if command == "stream_input" else "Input stream ended"
+        return [{"message": message, "job_id": job_id, "workflow_id": workflow_id}]
 
     def job_event(self, job_id: str, event: Frame, now: float) -> None:
         # A job's events never overtake the reply that announced it (a run_job reply can be

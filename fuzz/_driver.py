@@ -373,7 +373,7 @@ class Driver:
             if variant == 1:
                 return None
             return [{"type": "job_update", "status": "running", "job_id": job_id}]
-        return None if variant != 2 else "The job does not take input"
+        return {"workflow_id": "summarize"} if variant != 2 else "The job does not take input"
 
 
 # --- oracles ---------------------------------------------------------------------------------

@@ -192,19 +192,25 @@ class JobManager:
             if job.user_id == user_id
         ]
 
-    def stream_input(self, job_id: str, user_id: str, name: str, value: Any) -> str | None:
-        """Feed ``value`` to the job's input stream ``name``: None, or the error text."""
+    def stream_input(
+        self, job_id: str, user_id: str, name: str, value: Any
+    ) -> str | dict[str, Any]:
+        """Feed ``value`` to the job's input stream ``name``: ``{"workflow_id"}`` of the
+        job, or the error text."""
         job = self._owned(job_id, user_id)
         if job is None or job.final is not None:
             return "No active job/context"
-        return job.ctx.feed_input(name, value)
+        error = job.ctx.feed_input(name, value)
+        return error if error is not None else {"workflow_id": job.workflow.id}
 
-    def end_input_stream(self, job_id: str, user_id: str, name: str) -> str | None:
-        """End the job's input stream ``name``: None, or the error text."""
+    def end_input_stream(self, job_id: str, user_id: str, name: str) -> str | dict[str, Any]:
+        """End the job's input stream ``name``: ``{"workflow_id"}`` of the job, or the
+        error text."""
         job = self._owned(job_id, user_id)
         if job is None or job.final is not None:
             return "No active job/context"
-        return job.ctx.end_input(name)
+        error = job.ctx.end_input(name)
+        return error if error is not None else {"workflow_id": job.workflow.id}
 
     def counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """For metrics: jobs not finished by status (``starting``, ``running``), and jobs

@@ -516,8 +516,9 @@ def test_reconnect_from_a_new_connection_while_the_job_runs(wf_server: ServerPro
             # The live events follow: the gate opens from this connection.
             fed = await conn.call("stream_input", {"job_id": job_id, "input": "go", "value": 7})
             assert fed["message"] == "Input item streamed" and fed["job_id"] == job_id
+            assert fed["workflow_id"] == "gated"
             ended = await conn.call("end_input_stream", {"job_id": job_id, "input": "go"})
-            assert ended["message"] == "Input stream ended"
+            assert ended["message"] == "Input stream ended" and ended["workflow_id"] == "gated"
             events = await conn.job(job_id)
             check_tags(events, job_id, "gated")
             kinds = [(e["type"], e.get("status")) for e in events]

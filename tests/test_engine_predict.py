@@ -547,20 +547,19 @@ def test_stream_input_and_end_input_stream() -> None:
     asked = peer.asked()
     assert asked.command == "stream_input"
     assert asked.data == data and asked.user_id == "1"
-    peer.job_done(asked.op_id, None)
+    peer.job_done(asked.op_id, {"workflow_id": "wf"})
     (reply,) = peer.take()
     assert_direct_reply(reply)
-    assert reply.frame["message"] == "Input item streamed"
-    assert reply.frame["job_id"] == JOB
+    # NodeTool names the job's workflow in both replies
+    assert reply.frame == {"message": "Input item streamed", "job_id": JOB, "workflow_id": "wf"}
 
     assert peer.command("end_input_stream", {"job_id": JOB, "input": "text"}) == []
     asked = peer.asked()
     assert asked.command == "end_input_stream" and asked.data["input"] == "text"
-    peer.job_done(asked.op_id, None)
+    peer.job_done(asked.op_id, {"workflow_id": "wf"})
     (reply,) = peer.take()
     assert_direct_reply(reply)
-    assert reply.frame["message"] == "Input stream ended"
-    assert reply.frame["job_id"] == JOB
+    assert reply.frame == {"message": "Input stream ended", "job_id": JOB, "workflow_id": "wf"}
 
 
 @pytest.mark.parametrize("command", ["stream_input", "end_input_stream"])

@@ -322,7 +322,7 @@ def test_other_users_cannot_see_or_touch_a_job() -> None:
         assert manager.subscribe("nope", "alice", lambda e: None) is None
         assert manager.status("nope", "alice") is None
         assert manager.cancel("nope", "alice") is False
-        assert manager.end_input_stream("mine", "alice", "text") is None
+        assert manager.end_input_stream("mine", "alice", "text") == {"workflow_id": "collect"}
         assert (await manager.wait("mine"))["status"] == "completed"
 
     drive(test)
@@ -397,13 +397,14 @@ def test_stream_input_and_end_input_stream() -> None:
     async def test(manager: JobManager) -> None:
         manager.start("s", "collect", {}, "1")
         # Accepted before the job even runs: nothing is lost to the race.
-        assert manager.stream_input("s", "1", "text", "one ") is None
+        ok = {"workflow_id": "collect"}
+        assert manager.stream_input("s", "1", "text", "one ") == ok
         await asyncio.sleep(0.02)
-        assert manager.stream_input("s", "1", "text", "two ") is None
+        assert manager.stream_input("s", "1", "text", "two ") == ok
         assert manager.stream_input("s", "1", "nope", "x") == "Invalid input name"
         assert manager.status("s", "1")["status"] == "running"  # type: ignore[index]
-        assert manager.stream_input("s", "1", "text", "three") is None
-        assert manager.end_input_stream("s", "1", "text") is None
+        assert manager.stream_input("s", "1", "text", "three") == ok
+        assert manager.end_input_stream("s", "1", "text") == ok
         assert manager.stream_input("s", "1", "text", "more") == "Input stream already ended"
         final = await manager.wait("s")
         assert final["result"] == {"text": ["one two three"], "words": 3}
