@@ -21,10 +21,9 @@ Rules of this module:
 from __future__ import annotations
 
 import math
-import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,58 +55,31 @@ from .events import (
     VerifyToken,
     WebSocketClosed,
 )
+from .exchange import (
+    REQUEST_ID,
+    Exchange,
+    access_record,
+    answer_headers,
+    auth_error,
+    auth_unavailable,
+    fatal_response,
+    model_not_found,
+    new_id,
+    preflight_headers,
+)
 from .http_head import ChunkedBodyCheck, check_request_head
-from .http_response import LAST_CHUNK, keeps_alive, reason, response_head
+from .http_response import LAST_CHUNK, keeps_alive, response_head
 from .limits import Admission, Ticket
 from .openapi import OPENAPI_JSON
 from .predict_session import PredictSession
-from .routing import Endpoint, Route, route, split_target
+from .routing import Endpoint, route, split_target
 from .state import Input, Phase, earliest, next_phase
 from .ws_handshake import accept_token, handshake_key
-
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-_EXPOSED_HEADERS = "x-request-id, openai-processing-ms, openai-version, retry-after, retry-after-ms"
-
 
 # Endpoints whose request body we read (every other body is counted and dropped).
 _BODY_ENDPOINTS = (Endpoint.CHAT_COMPLETIONS, Endpoint.WORKFLOW_RUN, Endpoint.WORKFLOW_STREAM)
 _JOB_DONE = ("completed", "failed", "cancelled")
 _WS_ENDPOINTS = (Endpoint.CHAT_WS, Endpoint.PREDICT_WS)
-_AUTH_RETRY_AFTER = "2"  # seconds a client should wait when the auth provider is down
-
-
-def new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(15)
-
-
-@dataclass(slots=True)
-class _Exchange:
-    """One request and its response."""
-
-    method: str
-    target: str
-    started: float
-    request_id: str
-    origin: str | None
-    requested_headers: bytes | None = None  # Access-Control-Request-Headers of a preflight
-    host: str = ""  # the Host header: the playground's policy names it
-    route: Route | None = None
-    error: RequestError | None = None
-    user_id: str | None = None
-    ws_key: bytes | None = None  # a valid WebSocket upgrade's key
-    ws_auth_failure: str | None = None  # the 1008 close reason, after the handshake
-    ws_close_code: int = 1008  # 1011 when the auth provider could not judge the token
-    key: StaticKey | None = None  # the static key the request came with: its limits apply
-    ticket: Ticket | None = None  # an admitted generation (chat completion), until released
-    body: bytearray = field(default_factory=bytearray)
-    body_size: int = 0  # counted for every route: the limit holds even for a body we drop
-    stream_id: int | None = None
-    run: CompletionRun | None = None
-    job_id: str | None = None  # a workflow run over HTTP
-    job_result: dict[str, object] | None = None
-    status: int = 0
-    keep_alive: bool = True  # the client lets the connection live on (http_response.py)
-    chunked: bool = True  # a streamed body's framing: chunked, or to the close (HTTP/1.0)
 
 
 @dataclass(slots=True)
@@ -132,7 +104,7 @@ class ServerConnection:
         self._out = bytearray()
         self._outputs: list[Output] = []
         self._h11: h11.Connection | None = None
-        self._ex: _Exchange | None = None
+        self._ex: Exchange | None = None
         self._next_stream_id = 1
         self._socket: AppSocket | None = None  # after a /chat or /predict upgrade
         self._chunk_check: ChunkedBodyCheck | None = None
@@ -241,7 +213,9 @@ class ServerConnection:
         if ex is not None and self._phase in (Phase.WORKING, Phase.STREAMING):
             # A request read whole, its answer not complete: still one access-log line.
             streamed = self._phase is Phase.STREAMING
-            self._outputs.append(RequestAbandoned(record=_record(ex, 499, now, streamed=streamed)))
+            self._outputs.append(
+                RequestAbandoned(record=access_record(ex, 499, now, streamed=streamed))
+            )
         self._cancel_work()
         self._close_socket(now)
 
@@ -337,7 +311,7 @@ class ServerConnection:
             wanted = ex.route.model_id
             match = next((m for m in models if m.id == wanted), None)
             if match is None:
-                self._respond_error(ex, _model_not_found(wanted), now)
+                self._respond_error(ex, model_not_found(wanted), now)
             else:
                 self._respond(ex, 200, sse.dumps(openai.model_body(match)), now)
         else:
@@ -562,11 +536,11 @@ class ServerConnection:
         headers = dict(fields)
         supplied_id = headers.get(b"x-request-id", b"").decode("latin-1")
         origin = headers.get(b"origin")
-        ex = _Exchange(
+        ex = Exchange(
             method=request.method.decode("ascii"),
             target=request.target.decode("latin-1"),
             started=now,
-            request_id=supplied_id if _REQUEST_ID.fullmatch(supplied_id) else new_id("req_"),
+            request_id=supplied_id if REQUEST_ID.fullmatch(supplied_id) else new_id("req_"),
             origin=origin.decode("latin-1") if origin is not None else None,
             requested_headers=headers.get(b"access-control-request-headers"),
             host=headers.get(b"host", b"").decode("latin-1"),
@@ -610,7 +584,7 @@ class ServerConnection:
                 if result.check is not None:
                     self._verify(result.check, now)
                 elif result.user_id is None:
-                    raise _auth_error(result.failure or "invalid")
+                    raise auth_error(result.failure or "invalid")
                 ex.user_id, ex.key = result.user_id, result.key
         except RequestError as exc:
             ex.error = exc
@@ -689,7 +663,7 @@ class ServerConnection:
             ex.run = CompletionRun(parsed, completion_id=new_id("chatcmpl-"), created=int(now))
             self._call_provider(ex, now)
 
-    def _admit(self, ex: _Exchange, model: str, now: float) -> RequestError | None:
+    def _admit(self, ex: Exchange, model: str, now: float) -> RequestError | None:
         """Admit a chat completion as a generation (``ex.ticket``), or say why not: the
         key may not use the model (403), is over a limit (429), or the server is full (503)."""
         limits = ex.key.limits if ex.key is not None else None
@@ -726,14 +700,14 @@ class ServerConnection:
             headers=tuple(headers),
         )
 
-    def _release(self, ex: _Exchange) -> None:
+    def _release(self, ex: Exchange) -> None:
         ticket, ex.ticket = ex.ticket, None
         if ticket is not None:
             if ex.run is not None:
                 ticket.tokens = ex.run.usage.total_tokens
             self._admission.release(ticket)
 
-    def _start_workflow(self, ex: _Exchange, now: float) -> None:
+    def _start_workflow(self, ex: Exchange, now: float) -> None:
         assert ex.route is not None
         workflow_id = ex.route.model_id
         if workflow_id not in {w.id for w in self.config.workflows}:
@@ -765,7 +739,7 @@ class ServerConnection:
             )
         )
 
-    def _call_provider(self, ex: _Exchange, now: float) -> None:
+    def _call_provider(self, ex: Exchange, now: float) -> None:
         assert ex.run is not None
         ex.stream_id = self._new_stream_id()
         self._outputs.append(
@@ -777,12 +751,12 @@ class ServerConnection:
         )
         self._deadline = now + self.config.provider_first_item_timeout
 
-    def _stream(self, ex: _Exchange, data: bytes, now: float) -> None:
+    def _stream(self, ex: Exchange, data: bytes, now: float) -> None:
         """Send SSE bytes, starting the 200 event-stream response if it has not started."""
         conn = self._h11
         assert conn is not None
         if self._phase is Phase.WORKING:
-            headers = self._headers(ex, b"text/event-stream", now)
+            headers = self._answer_headers(ex, b"text/event-stream", now)
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
             # Chunked for an HTTP/1.1 client; an HTTP/1.0 one reads to the close.
             version = conn.their_http_version
@@ -807,13 +781,13 @@ class ServerConnection:
             else:
                 out += data
 
-    def _end_stream(self, ex: _Exchange, now: float) -> None:
+    def _end_stream(self, ex: Exchange, now: float) -> None:
         if ex.chunked:
             self._out += LAST_CHUNK
         self._finish_exchange(ex, now, streamed=True)
 
     def _respond_error(
-        self, ex: _Exchange, error: RequestError, now: float, *, close: bool = False
+        self, ex: Exchange, error: RequestError, now: float, *, close: bool = False
     ) -> None:
         extra = list(error.headers)
         if error.status == 401:
@@ -823,7 +797,7 @@ class ServerConnection:
 
     def _respond(
         self,
-        ex: _Exchange,
+        ex: Exchange,
         status: int,
         body: bytes,
         now: float,
@@ -832,10 +806,10 @@ class ServerConnection:
         close: bool = False,
         content_type: bytes = b"application/json",
     ) -> None:
-        headers = self._headers(ex, content_type if status != 204 else None, now)
+        headers = self._answer_headers(ex, content_type if status != 204 else None, now)
         if ex.route is not None and ex.route.endpoint is Endpoint.PREFLIGHT:
             headers.append((b"allow", ex.route.allow.encode("ascii")))
-            headers += self._preflight_headers(ex)
+            headers += preflight_headers(ex, self.config)
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra]
         if status != 204:
             headers.append((b"content-length", str(len(body)).encode("ascii")))
@@ -848,64 +822,22 @@ class ServerConnection:
         ex.status = status
         self._finish_exchange(ex, now, streamed=False)
 
-    def _respond_playground(self, ex: _Exchange, now: float) -> None:
+    def _respond_playground(self, ex: Exchange, now: float) -> None:
         page = self.config.playground
         assert page is not None  # routed only when configured
         extra = page.headers(ex.host)
         self._respond(ex, 200, page.page, now, extra=extra, content_type=page.content_type)
 
-    def _headers(
-        self, ex: _Exchange, content_type: bytes | None, now: float
+    def _answer_headers(
+        self, ex: Exchange, content_type: bytes | None, now: float
     ) -> list[tuple[bytes, bytes]]:
-        elapsed = max(0, int((now - ex.started) * 1000))
-        headers = [
-            (b"x-request-id", ex.request_id.encode("ascii")),
-            (b"openai-version", b"2020-10-01"),
-            (b"openai-processing-ms", str(elapsed).encode("ascii")),
-            (b"server", self.config.server_name.encode("latin-1")),
-        ]
-        if content_type is not None:
-            headers.insert(0, (b"content-type", content_type))
-        key, route = ex.key, ex.route
-        if key is not None and route is not None and route.endpoint is Endpoint.CHAT_COMPLETIONS:
-            headers += self._admission.headers(key.key_id, key.limits, now)
-        allowed = self._allowed_origin(ex)
-        if allowed is not None:
-            headers += [
-                (b"access-control-allow-origin", allowed.encode("latin-1")),
-                (b"access-control-expose-headers", _EXPOSED_HEADERS.encode("ascii")),
-                (b"vary", b"origin"),
-            ]
-        return headers
+        return answer_headers(ex, content_type, now, self.config, self._admission)
 
-    def _allowed_origin(self, ex: _Exchange) -> str | None:
-        origins = self.config.cors_origins
-        if not origins or ex.origin is None:
-            return None
-        if "*" in origins:
-            return "*"
-        return ex.origin if ex.origin in origins else None
-
-    def _preflight_headers(self, ex: _Exchange) -> list[tuple[bytes, bytes]]:
-        if self._allowed_origin(ex) is None:
-            return []
-        # The path's own methods, as in Allow. Reflect the headers the browser asks for:
-        # SDKs keep adding x-stainless-* headers (B13).
-        assert ex.route is not None  # a preflight was routed
-        return [
-            (b"access-control-allow-methods", ex.route.allow.encode("ascii")),
-            (
-                b"access-control-allow-headers",
-                ex.requested_headers or b"authorization, content-type",
-            ),
-            (b"access-control-max-age", b"600"),
-        ]
-
-    def _finish_exchange(self, ex: _Exchange, now: float, *, streamed: bool) -> None:
+    def _finish_exchange(self, ex: Exchange, now: float, *, streamed: bool) -> None:
         conn = self._h11
         assert conn is not None
         self._release(ex)
-        self._outputs.append(_record(ex, ex.status, now, streamed=streamed))
+        self._outputs.append(access_record(ex, ex.status, now, streamed=streamed))
         self._ex = None
         keep_alive = (
             ex.keep_alive and conn.their_state is h11.DONE and self._shutdown_deadline is None
@@ -920,7 +852,7 @@ class ServerConnection:
         self._set_phase(Input.RESPONSE_FINISHED)
         self._deadline = now + self.config.keepalive_timeout
 
-    def _upgrade(self, ex: _Exchange, now: float) -> None:
+    def _upgrade(self, ex: Exchange, now: float) -> None:
         """Answer 101 and hand the connection (and the bytes after the head) to /chat."""
         conn = self._h11
         assert conn is not None and ex.ws_key is not None
@@ -1037,7 +969,7 @@ class ServerConnection:
             ex.user_id = user_id
         else:
             invalid = failure == "invalid"
-            ex.error = _auth_error("invalid") if invalid else _auth_unavailable(message)
+            ex.error = auth_error("invalid") if invalid else auth_unavailable(message)
             ex.body = bytearray()  # and the rest of the body is dropped as it arrives
         if self._phase is Phase.BODY:
             conn = self._h11
@@ -1069,7 +1001,7 @@ class ServerConnection:
             # was refused before parsing, its first bytes still say whether it was HEAD.
             ex = self._ex
             head_only = ex.method == "HEAD" if ex is not None else self._inbuf[:5] == b"HEAD "
-            self._out += _fatal_response(status, message, request_id, head_only=head_only)
+            self._out += fatal_response(status, message, request_id, head_only=head_only)
         self._close()
 
     def _cancel_work(self) -> None:
@@ -1117,7 +1049,7 @@ class ServerConnection:
     def _set_phase(self, event: Input) -> None:
         self._phase = next_phase(self._phase, event)
 
-    def _active(self, stream_id: int) -> _Exchange | None:
+    def _active(self, stream_id: int) -> Exchange | None:
         ex = self._ex
         if ex is None or ex.stream_id != stream_id or self._phase is Phase.CLOSED:
             return None  # a late result for a call we gave up on: dropped
@@ -1127,64 +1059,3 @@ class ServerConnection:
         stream_id = self._next_stream_id
         self._next_stream_id += 1
         return stream_id
-
-
-def _record(ex: _Exchange, status: int, now: float, *, streamed: bool) -> RequestCompleted:
-    """The access-log record of an exchange."""
-    path, _ = split_target(ex.target)  # never log a query: it may carry a token
-    return RequestCompleted(
-        method=ex.method,
-        target=path,
-        status=status,
-        request_id=ex.request_id,
-        duration=max(0.0, now - ex.started),
-        streamed=streamed,
-        user_id=ex.user_id,
-        route=ex.route.endpoint.value if ex.route is not None else "unknown",
-    )
-
-
-def _auth_error(failure: str) -> RequestError:
-    if failure == "missing":
-        message = (
-            "You didn't provide an API key. You need to provide your API key in an"
-            " Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-        )
-    else:
-        message = "Incorrect API key provided."
-    return RequestError(message, status=401, code="invalid_api_key")
-
-
-def _auth_unavailable(message: str) -> RequestError:
-    # Never "let everyone in": the client is told to come back (PROTOCOL.md §3).
-    detail = f": {message}" if message else ""
-    return RequestError(
-        f"The API key could not be verified{detail}. Try again later.",
-        status=503,
-        type="service_unavailable",
-        code="auth_unavailable",
-        headers=(("retry-after", _AUTH_RETRY_AFTER),),
-    )
-
-
-def _model_not_found(model: str) -> RequestError:
-    return RequestError(
-        f"The model `{model}` does not exist or you do not have access to it.",
-        status=404,
-        param="model",
-        code="model_not_found",
-    )
-
-
-def _fatal_response(status: int, message: str, request_id: str, *, head_only: bool) -> bytes:
-    """A complete error response written without h11, whose state may be broken by now."""
-    error = RequestError(message, status=status, code=None)
-    # To a HEAD no body may follow; "content-length: 0" keeps the framing true both for the
-    # client that sent HEAD and for one that cannot tell what a refused request was.
-    body = b"" if head_only else sse.dumps(openai.error_body(error))
-    head = (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"x-request-id: %s\r\nconnection: close\r\n\r\n"
-        % (status, reason(status), len(body), request_id.encode("ascii"))
-    )
-    return head + body
