@@ -44,7 +44,7 @@ class AppSocket:
         self.session: ChatSession | PredictSession
         if predict:
             self.session = PredictSession(
-                config, user_id, send=self._send_frame, emit=emit, new_id=new_id
+                config, user_id, send=self._send_frame, emit=emit, new_id=new_id, key=key
             )
         else:
             self.session = ChatSession(

@@ -307,6 +307,7 @@ class ChatSession:
                 workflow_id=turn.workflow_id,
                 params=params,
                 user_id=self.user_id,
+                key=self._key,
             )
         )
 

@@ -736,6 +736,7 @@ class ServerConnection:
                 workflow_id=workflow_id,
                 params=params,
                 user_id=ex.user_id or LOCAL_USER,
+                key=ex.key,
             )
         )
 

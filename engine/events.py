@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .chat import ChatMessage, ChatRequest
+from .config import StaticKey
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +94,9 @@ class StartJob:
     workflow_id: str
     params: dict[str, Any]
     user_id: str
+    # The static key the job was started with: the job's own model calls (``ctx.chat``)
+    # are generations admitted against its limits, as the key's requests are.
+    key: StaticKey | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .codec import Encoding
-from .config import EngineConfig
+from .config import EngineConfig, StaticKey
 from .events import JobCommand, Output, StartJob
 
 Frame = dict[str, Any]
@@ -40,9 +40,11 @@ class PredictSession:
         send: Callable[[Frame], None],
         emit: Callable[[Output], None],
         new_id: Callable[[], int],
+        key: StaticKey | None = None,
     ) -> None:
         self.config = config
         self.user_id = user_id
+        self._key = key  # its limits apply to the model calls of the jobs started here
         self._send = send
         self._emit = emit
         self._new_id = new_id
@@ -118,7 +120,13 @@ class PredictSession:
         # The reply goes first, so the client knows the job before its first event.
         self._reply({"message": "Job started", "job_id": job_id, "workflow_id": workflow_id})
         self._emit(
-            StartJob(job_id=job_id, workflow_id=workflow_id, params=params, user_id=self.user_id)
+            StartJob(
+                job_id=job_id,
+                workflow_id=workflow_id,
+                params=params,
+                user_id=self.user_id,
+                key=self._key,
+            )
         )
 
     def _job_command(self, command: str, data: Frame) -> None:

@@ -34,6 +34,7 @@ from .registry import ProviderRouter
 from .tools import Tool, ToolError, ToolRegistry
 from .workflows import (
     MAX_ERROR_CHARS,
+    JobLimits,
     Workflow,
     WorkflowContext,
     WorkflowRegistry,
@@ -96,8 +97,16 @@ class JobManager:
 
     # --- commands --------------------------------------------------------------------------
 
-    def start(self, job_id: str, workflow_id: str, params: dict[str, Any], user_id: str) -> None:
-        """Start ``workflow_id`` with ``params`` as its inputs, as a task of its own.
+    def start(
+        self,
+        job_id: str,
+        workflow_id: str,
+        params: dict[str, Any],
+        user_id: str,
+        limits: JobLimits | None = None,
+    ) -> None:
+        """Start ``workflow_id`` with ``params`` as its inputs, as a task of its own. With
+        ``limits``, each of its model calls (``ctx.chat``) is admitted as a generation.
 
         Nothing runs before the caller yields to the loop, so a :meth:`subscribe` right after
         this call sees every event, from ``job_update running`` on.
@@ -123,6 +132,7 @@ class JobManager:
             tools=self._tools,
             emit=lambda event: self._workflow_event(job, event),
             inputs=workflow.inputs,
+            limits=limits,
         )
         task = asyncio.get_running_loop().create_task(self._run(job), name=f"wirechat-job-{job_id}")
         task.add_done_callback(lambda done: self._task_done(job, done))

@@ -63,6 +63,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -76,7 +77,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wirechat.engine.chat import ChatMessage, ChatRequest, TextDelta
+from wirechat.engine.chat import ChatMessage, ChatRequest, Finish, ProviderError, TextDelta
+from wirechat.engine.config import StaticKey
+from wirechat.engine.limits import Admission, Ticket
 
 from .registry import ProviderRouter
 from .tools import ToolRegistry
@@ -175,6 +178,39 @@ class NodeHandle:
     result: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class JobLimits:
+    """How a job's own model calls are admitted: each ``ctx.chat`` is a generation, counted
+    against the process's in-flight limit and the limits of the key that started the job."""
+
+    admission: Admission
+    key: StaticKey | None = None
+
+    @contextlib.contextmanager
+    def generation(self, model: str) -> Iterator[Ticket]:
+        """Admit one model call, or raise the ``ProviderError`` a client would get
+        (403 ``model_not_allowed``, 429, 503); the ticket goes back when the block ends."""
+        key = self.key
+        limits = key.limits if key is not None else None
+        if limits is not None and not limits.allows_model(model):
+            raise ProviderError(
+                f"This key may not use the model `{model}`.", status=403, code="model_not_allowed"
+            )
+        admitted = self.admission.admit(key.key_id if key else None, limits, time.time())
+        if not isinstance(admitted, Ticket):
+            raise ProviderError(
+                admitted.message,
+                status=admitted.status,
+                type="rate_limit" if admitted.status == 429 else "server_overloaded",
+                code="rate_limit_exceeded" if admitted.status == 429 else "server_overloaded",
+                retry_after=admitted.retry_after,
+            )
+        try:
+            yield admitted
+        finally:
+            self.admission.release(admitted)
+
+
 class WorkflowContext:
     """What a running workflow may do; made by the job runner, one per job."""
 
@@ -188,6 +224,7 @@ class WorkflowContext:
         tools: ToolRegistry,
         emit: Callable[[Event], None] | None = None,
         inputs: Iterable[str] = (),
+        limits: JobLimits | None = None,
     ) -> None:
         self.job_id = job_id
         self.workflow_id = workflow_id
@@ -195,6 +232,7 @@ class WorkflowContext:
         self.result: dict[str, list[Any]] = {}  # output name -> every value sent to it
         self._router = router
         self._tools = tools
+        self._limits = limits  # None: model calls are not metered (a context made by hand)
         self._emit_to = emit
         self._declared = frozenset(inputs)
         self._streams: dict[str, asyncio.Queue[Any]] = {}
@@ -285,13 +323,16 @@ class WorkflowContext:
             ProviderError: the model call failed.
             ValueError: a message that is not ``{"role", "content"}``.
         """
-        request = ChatRequest(model=model, messages=_chat_messages(messages))
-        stream = self._router.stream(request)
-        parts: list[str] = []
-        async with contextlib.aclosing(stream):  # type: ignore[type-var]
-            async for item in stream:
-                if isinstance(item, TextDelta):
-                    parts.append(item.text)
+        request = ChatRequest(model=model, messages=_chat_messages(messages), stream=False)
+        with self._limits.generation(model) if self._limits else contextlib.nullcontext() as ticket:
+            stream = self._router.stream(request)
+            parts: list[str] = []
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for item in stream:
+                    if isinstance(item, TextDelta):
+                        parts.append(item.text)
+                    elif isinstance(item, Finish) and item.usage is not None and ticket:
+                        ticket.tokens = item.usage.total_tokens  # charged on release
         return "".join(parts)
 
     async def tool(self, name: str, args: dict[str, Any]) -> Any:

@@ -1533,3 +1533,17 @@ def test_has_only_data_marks_the_inputs_whose_output_is_bytes_alone(stream: bool
         assert seen == [(False, False, False)] * 3  # gathered until the end: nothing at all
     conn.provider_done(call.stream_id, T0)
     assert not conn.has_only_data  # the end of the exchange: its access-log record is out
+
+
+def test_a_workflow_run_over_http_starts_its_job_with_the_callers_key() -> None:
+    """The job's own model calls are then admitted against that key's limits."""
+    from wirechat.engine.chat import WorkflowSpec
+    from wirechat.engine.events import StartJob
+
+    config = dataclasses.replace(
+        STATIC, workflows=(WorkflowSpec(id="summarize", name="S", description="", inputs=()),)
+    )
+    peer = EnginePeer(config)
+    peer.request("POST", "/workflows/summarize/run", [("Authorization", "Bearer sk-good")], b"{}")
+    (start,) = peer.of_type(StartJob)
+    assert start.key == STATIC.static_keys[0] and start.user_id == "alice"

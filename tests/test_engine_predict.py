@@ -275,6 +275,7 @@ def test_static_auth_accepted_and_the_clients_user_id_is_ignored(
     assert "sk-alice" not in repr(peer.effects)
     reply, start = run_job(peer, params={"message": "hi"}, user_id="bob", auth_token="sk-bob")
     assert start.user_id == "alice"
+    assert start.key == STATIC.static_keys[0]  # the job's model calls are alice's to pay
     assert reply["job_id"] == start.job_id
     peer.command("get_status", {"job_id": start.job_id, "user_id": "bob"})
     assert peer.asked().user_id == "alice"

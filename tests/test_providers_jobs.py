@@ -16,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from wirechat.engine.config import StaticKey
+from wirechat.engine.limits import Admission, KeyLimits, Ticket
 from wirechat.providers import ToolError, default_router
 from wirechat.providers.jobs import MAX_WORKFLOW_DEPTH, JobManager
 from wirechat.providers.tools import ToolRegistry, default_tools
-from wirechat.providers.workflows import WorkflowContext, WorkflowRegistry, graph_workflow
+from wirechat.providers.workflows import (
+    JobLimits,
+    WorkflowContext,
+    WorkflowRegistry,
+    graph_workflow,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 Event = dict[str, Any]
@@ -551,3 +558,63 @@ def test_workflow_tools_nested_and_bounded() -> None:
             await manager.aclose()
 
     asyncio.run(main())
+
+
+# --- a job's model calls are generations -----------------------------------------------------
+
+
+async def chatty(ctx: WorkflowContext, inputs: dict[str, Any]) -> dict[str, Any]:
+    first = await ctx.chat("echo", "one two three")
+    second = await ctx.chat("echo", "four five")
+    return {"text": f"{first}|{second}"}
+
+
+def run_chatty(key: StaticKey | None, admission: Admission) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        manager = JobManager(WorkflowRegistry([chatty]), default_router(), default_tools())
+        try:
+            manager.start("c", "chatty", {}, "1", JobLimits(admission, key))
+            return await manager.wait("c")
+        finally:
+            await manager.aclose()
+
+    return asyncio.run(main())
+
+
+def test_a_jobs_model_calls_are_charged_to_the_key_that_started_it() -> None:
+    admission = Admission(max_inflight=8)
+    key = StaticKey.from_token("sk-a", limits=KeyLimits(tokens_per_minute=100))
+    final = run_chatty(key, admission)
+    assert final["status"] == "completed"
+    assert final["result"] == {"text": "one two three|four five"}
+    assert admission.inflight == 0  # every ticket went back
+    headers = dict(admission.headers(key.key_id, key.limits, time.time()))
+    # 3 + 3 words, then 2 + 2: echo's usage of the two calls
+    assert headers[b"x-ratelimit-remaining-tokens"] == b"90"
+
+
+def test_a_jobs_model_call_over_the_keys_rate_limit_fails_the_job_with_a_429() -> None:
+    admission = Admission(max_inflight=8)
+    key = StaticKey.from_token("sk-b", limits=KeyLimits(requests_per_minute=1))
+    final = run_chatty(key, admission)
+    assert final["status"] == "failed"
+    assert "ProviderError" in final["error"] and "Rate limit" in final["error"]
+    assert admission.inflight == 0
+
+
+def test_a_job_may_not_call_a_model_its_key_may_not_use() -> None:
+    admission = Admission(max_inflight=8)
+    key = StaticKey.from_token("sk-c", limits=KeyLimits(models=("gpt-*",)))
+    final = run_chatty(key, admission)
+    assert final["status"] == "failed"
+    assert "may not use the model `echo`" in final["error"]
+
+
+def test_a_jobs_model_calls_count_against_the_servers_in_flight_limit() -> None:
+    admission = Admission(max_inflight=1)
+    held = admission.admit(None, None, time.time())  # the one slot is taken
+    final = run_chatty(None, admission)
+    assert final["status"] == "failed" and "limit of 1 generations" in final["error"]
+    assert isinstance(held, Ticket)
+    admission.release(held)
+    assert run_chatty(None, admission)["status"] == "completed"

@@ -52,6 +52,7 @@ from wirechat.engine.events import (
 )
 from wirechat.providers.supabase_auth import AuthUnavailable
 from wirechat.providers.threads import ThreadAccessError
+from wirechat.providers.workflows import JobLimits
 
 if TYPE_CHECKING:
     from .server import Server
@@ -454,7 +455,8 @@ class EngineProtocol(asyncio.Protocol):
     def _start_job(self, job: StartJob) -> None:
         jobs = self._server.jobs
         try:
-            jobs.start(job.job_id, job.workflow_id, job.params, job.user_id)
+            limits = JobLimits(self._server.admission, job.key)
+            jobs.start(job.job_id, job.workflow_id, job.params, job.user_id, limits)
         except (KeyError, ValueError, RuntimeError) as exc:  # unknown, duplicate, closing
             logger.info("job %s could not start: %r", job.job_id, exc)
             event = {
