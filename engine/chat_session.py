@@ -307,7 +307,9 @@ class ChatSession:
                 workflow_id=turn.workflow_id,
                 params=params,
                 user_id=self.user_id,
-                key=self._key,
+                # The turn is the key's generation (admitted when it began): the job's own
+                # model calls run inside it, as a workflow tool's do inside a model's turn.
+                key=None,
             )
         )
 

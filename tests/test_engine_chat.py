@@ -794,3 +794,29 @@ def test_shutdown_grace_deadline_cancels_and_closes_1001() -> None:
     assert peer.transport_closed()
     assert peer.deadline() is None
     peer.done(call.stream_id)  # late: nothing more is written
+
+
+def test_a_workflow_turn_is_the_keys_generation_and_its_job_is_not_charged_again() -> None:
+    """A /chat turn with a workflow_id is admitted like any turn; the job it starts runs
+    inside it, so StartJob carries no key (its model calls would otherwise count twice, and
+    a key allowed one stream at a time could never run a workflow from /chat)."""
+    from wirechat.engine import AuthMode, StaticKey
+    from wirechat.engine.chat import WorkflowSpec
+    from wirechat.engine.events import StartJob
+    from wirechat.engine.limits import KeyLimits
+
+    key = StaticKey.from_token("sk-one", name="one", limits=KeyLimits(concurrent_streams=1))
+    config = EngineConfig(
+        ws_ping_interval=1e6,
+        auth_mode=AuthMode.STATIC,
+        static_keys=(key,),
+        workflows=(WorkflowSpec(id="wf", name="W", description="", inputs=()),),
+    )
+    peer = WsPeer(config).open("/chat", [("Authorization", "Bearer sk-one")])
+    peer.take_effects()
+    peer.send_json({"type": "message", "content": "go", "workflow_id": "wf", "thread_id": "t"})
+    opening = only(e for e in peer.take_effects() if isinstance(e, OpenThread))
+    assert peer.admission.inflight == 1  # the turn holds the key's one stream
+    peer.opened(opening.op_id, [ChatMessage(role="user", content="go")])
+    start = only(e for e in peer.take_effects() if isinstance(e, StartJob))
+    assert start.workflow_id == "wf" and start.user_id == "one" and start.key is None
