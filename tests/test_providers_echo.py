@@ -543,3 +543,12 @@ def test_yield_every_sets_how_often_the_echo_gives_the_loop_a_turn() -> None:
     assert batched_turns <= 1 < 3 <= stepped_turns
     with pytest.raises(ValueError, match="at least 1"):
         EchoProvider(yield_every=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab \t\n\u2028\u00a0\u3000")))
+def test_the_pieces_made_at_once_are_the_pieces_made_one_at_a_time(text: str) -> None:
+    """Short replies take the list path (findall), long ones and limited ones the iterator."""
+    from wirechat.providers.echo import _iter_pieces, _pieces
+
+    assert _pieces(text) == list(_iter_pieces(text))
