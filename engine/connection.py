@@ -140,8 +140,9 @@ class ServerConnection:
         """Whether the last input produced bytes and nothing else (no effect, no notice):
         a streamed token, nearly always. The transport may then write ``data_to_send()``
         and skip the rest of its pass, as after an input with no output at all: such an
-        input moves no deadline earlier and changes nothing about reading."""
-        return not self._outputs and bool(self._out)
+        input moves no deadline earlier and changes nothing about reading. Never during a
+        shutdown, when a token's input may also start a close (and its close timer)."""
+        return not self._outputs and bool(self._out) and self._shutdown_deadline is None
 
     def next_deadline(self) -> float | None:
         """When to call ``handle_timer`` next (same clock as ``now``), or ``None``."""

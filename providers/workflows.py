@@ -201,7 +201,7 @@ class JobLimits:
             raise ProviderError(
                 admitted.message,
                 status=admitted.status,
-                type="rate_limit" if admitted.status == 429 else "server_overloaded",
+                type="rate_limit" if admitted.status == 429 else "service_unavailable",
                 code="rate_limit_exceeded" if admitted.status == 429 else "server_overloaded",
                 retry_after=admitted.retry_after,
             )

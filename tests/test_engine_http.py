@@ -1531,6 +1531,13 @@ def test_has_only_data_marks_the_inputs_whose_output_is_bytes_alone(stream: bool
         assert seen == [(False, True, True), (True, False, True), (True, False, True)]
     else:
         assert seen == [(False, False, False)] * 3  # gathered until the end: nothing at all
+    if stream:
+        conn.start_shutdown(T0)
+        conn.effects(), conn.data_to_send()
+        conn.provider_chunk(call.stream_id, TextDelta(text="four"), T0)
+        assert conn.data_to_send() and not conn.effects()
+        conn.provider_chunk(call.stream_id, TextDelta(text="five"), T0)
+        assert not conn.has_only_data  # bytes alone, but a shutdown wants the whole pass
     conn.provider_done(call.stream_id, T0)
     assert not conn.has_only_data  # the end of the exchange: its access-log record is out
 
