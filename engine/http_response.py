@@ -3,7 +3,7 @@
 Rules of this module:
 
 * h11 reads every request (framing, syntax, their side's state); what we answer is written
-  here. Sending a response through h11 costs more than parsing the request did (an event
+  here. Sending a response through h11 cost about as much as parsing the request (an event
   object, header validation by regular expression, a state machine per event: about half
   of h11's cost per request), and the response is ours: its names and values come from the
   engine, or are values h11 already validated as request fields (Origin, Host, ...).
