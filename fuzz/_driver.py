@@ -439,14 +439,16 @@ def check_http(driver: Driver) -> HttpResult:
     where the status was 101), so HEAD and 101 replies are read as a real client reads them.
     A fatal reply (``ConnectionFailed``) has no notice and comes last. An exchange the client
     left before its answer was complete (``RequestAbandoned``, logged 499) comes last too;
-    its reply, if one began, carries the status it began with.
+    its reply, if its stream began, carries the status it began with.
     """
     out = bytes(driver.out)
     assert not out or out.startswith(b"HTTP/1.1 "), out[:60]
+    # An abandoned exchange has a reply on the wire only if its stream had begun.
     completed = deque(
         o.record if isinstance(o, RequestAbandoned) else o
         for o in driver.outputs
-        if isinstance(o, RequestCompleted | RequestAbandoned)
+        if isinstance(o, RequestCompleted)
+        or (isinstance(o, RequestAbandoned) and o.record.streamed)
     )
     failures = [o for o in driver.outputs if isinstance(o, ConnectionFailed)]
     result = HttpResult()
