@@ -16,7 +16,7 @@ from .completion import CompletionRun
 from .config import EngineConfig, StaticKey
 from .errors import RequestError
 from .events import RequestCompleted
-from .http_response import reason
+from .http_response import response_head
 from .limits import Admission, Ticket
 from .routing import Endpoint, Route, split_target
 
@@ -112,12 +112,13 @@ def fatal_response(status: int, message: str, request_id: str, *, head_only: boo
     # To a HEAD no body may follow; "content-length: 0" keeps the framing true both for the
     # client that sent HEAD and for one that cannot tell what a refused request was.
     body = b"" if head_only else sse.dumps(openai.error_body(error))
-    head = (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"x-request-id: %s\r\nconnection: close\r\n\r\n"
-        % (status, reason(status), len(body), request_id.encode("ascii"))
-    )
-    return head + body
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"x-request-id", request_id.encode("ascii")),
+        (b"connection", b"close"),
+    ]
+    return response_head(status, headers) + body
 
 
 # --- the headers of an answer ------------------------------------------------------------
